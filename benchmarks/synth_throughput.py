@@ -1,0 +1,147 @@
+"""Synthesis throughput: the Ray Data pipeline vs a plain single-process loop, side by side.
+
+Both run the same tiny-zoo models (real architectures) on the same prompts and chunks; the image
+size and step count are raised so that model compute, not Ray's start-up or bookkeeping,
+dominates. Also reports the peak RSS of the whole process tree (driver, raylet, stage actors) for
+a run over 1x and 4x the prompts: the pipeline streams, so memory must not grow with the input.
+
+    .venv/bin/python benchmarks/synth_throughput.py [--prompts 24] [--size 128] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import synth_config_dict, write_prompts  # noqa: E402
+
+WORDS = "red green blue golden small large old new cat dog house tree boat car bird flower".split()
+
+
+def make_prompts(path: Path, n: int) -> Path:
+    texts = [f"a photo of a {WORDS[i % 8]} {WORDS[8 + (i // 8) % 8]} number {i}" for i in range(n)]
+    return write_prompts(path, texts)
+
+
+def config(zoo: Path, prompts: Path, out: Path, args) -> dict:
+    return synth_config_dict(
+        zoo, prompts, out,
+        generation__height=args.size, generation__width=args.size,
+        generation__num_inference_steps=args.steps, generation__batch_size=args.batch,
+        scoring__imagereward_threshold=-1e9, scoring__mps_threshold=-1e9,  # recaption everything
+        output__shard_size=4 * args.batch,
+    )
+
+
+def plain_loop(cfg_dict: dict) -> tuple[int, float]:
+    """The same stages as plain objects in this process, chunk by chunk, one after another."""
+    from layton.config import SynthConfig
+    from pipelines.chunks import pack, unpack
+    from pipelines.plan import write_plan
+    from pipelines.prompts import read_prompts
+    from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage, encode_chunks
+
+    import pyarrow.parquet as pq
+
+    cfg = SynthConfig.model_validate(cfg_dict)
+    gen = GenerateStage(cfg.generation.model_dump())
+    score = ScoreStage(cfg.scoring.model_dump())
+    caption = RecaptionStage(cfg.recaption.model_dump())
+    plan_path = Path(cfg.output.dir) / "plan.parquet"
+    write_plan(read_prompts(cfg.prompts), set(), set(), cfg.output.shard_size, cfg.generation.batch_size, plan_path)
+    chunks = pq.read_table(plan_path).to_pylist()
+    t0 = time.perf_counter()
+    n = 0
+    for chunk in chunks:
+        chunk = caption.process(score.process(gen.process(chunk)))
+        encode_chunks(pack([chunk]), cfg.output.image_format, cfg.output.jpeg_quality)
+        n += len(chunk["ids"])
+    return n, time.perf_counter() - t0
+
+
+def tree_rss(root: psutil.Process) -> int:
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def ray_run(cfg_path: Path) -> dict:
+    """`layton synth` in a subprocess; wall time of the pipeline and the peak RSS of its process tree."""
+    proc = subprocess.Popen([sys.executable, "-m", "layton.cli", "synth", str(cfg_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    root = psutil.Process(proc.pid)
+
+    def sample():
+        nonlocal peak
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(root))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    log = proc.communicate()[0]
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"layton synth failed:\n{log}")
+    line = next(l for l in log.splitlines() if l.startswith("synth: wrote"))
+    seconds = float(line.rsplit(" in ", 1)[1].rstrip("s"))
+    return {"seconds": seconds, "peak_rss": peak, "log": line}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--zoo", type=Path, help="an existing tiny zoo (default: write one)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        zoo = args.zoo
+        if zoo is None:
+            from layton.zoo import write_tiny_zoo
+
+            zoo = tmp / "zoo"
+            write_tiny_zoo(zoo)
+        results = {}
+        for mult in (1, 4):
+            prompts = make_prompts(tmp / f"p{mult}.parquet", args.prompts * mult)
+            cfg_path = tmp / f"ray{mult}.yaml"
+            cfg_path.write_text(yaml.safe_dump(config(zoo, prompts, tmp / f"ray{mult}", args)))
+            results[mult] = ray_run(cfg_path)
+        n, plain_s = plain_loop(config(zoo, make_prompts(tmp / "plain.parquet", args.prompts), tmp / "plain", args))
+
+    ray_s = results[1]["seconds"]
+    print(f"setup: {args.prompts} prompts, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, "
+          f"{psutil.cpu_count()} CPUs; tiny zoo models")
+    print(f"plain loop (1 process, model load excluded) : {n / plain_s:7.3f} images/s  ({plain_s:.1f}s)")
+    print(f"Ray Data pipeline (start-up + model load in): {args.prompts / ray_s:7.3f} images/s  ({ray_s:.1f}s)")
+    print(f"ratio Ray / plain                           : {plain_s / ray_s:7.3f}")
+    r1, r4 = results[1]["peak_rss"], results[4]["peak_rss"]
+    print(f"peak RSS, process tree: 1x {r1 / 2**30:.2f} GiB, 4x {r4 / 2**30:.2f} GiB, ratio 4x/1x {r4 / r1:.3f}")
+    print(f"4x run: {args.prompts * 4 / results[4]['seconds']:.3f} images/s ({results[4]['seconds']:.1f}s)")
+    print(json.dumps({"plain_ips": n / plain_s, "ray_ips": args.prompts / ray_s, "ratio": plain_s / ray_s,
+                      "rss_1x": r1, "rss_4x": r4, "rss_ratio": r4 / r1}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Checks that every configured weight file is present and readable, before any cluster work.
+
+The checks are cheap (headers and directory listings, no weights loaded) so a run with a typo in
+a path or a truncated download fails in seconds with the path in the message, instead of after
+Ray has started actors.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+class ModelFileError(FileNotFoundError):
+    """A configured model path that is absent or unreadable; the message names it."""
+
+
+def _check_json(path: Path, what: str) -> None:
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{what}: {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{what}: {path} is not valid JSON ({e})") from None
+
+
+def _check_safetensors(path: Path, what: str) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ModelFileError(f"{what}: {path} is not a readable safetensors file ({e})") from None
+
+
+def _check_torch_zip(path: Path, what: str) -> None:
+    # torch.save writes a zip; a truncated file loses the central directory at its end.
+    if not path.is_file():
+        raise ModelFileError(f"{what}: {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except zipfile.BadZipFile as e:
+        raise ModelFileError(f"{what}: {path} is not a readable torch checkpoint ({e})") from None
+
+
+def check_file(path: str | Path, what: str) -> Path:
+    """A single weight or config file, checked by its suffix."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{what}: {p} does not exist")
+    if p.suffix == ".json":
+        _check_json(p, what)
+    elif p.suffix == ".safetensors":
+        _check_safetensors(p, what)
+    elif p.suffix in (".pt", ".pth", ".bin"):
+        _check_torch_zip(p, what)
+    return p
+
+
+def _hub_snapshot(repo_id: str, what: str) -> Path:
+    """A hub id is accepted only when it is already in the local cache: nothing is downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        raise ModelFileError(
+            f"{what}: {repo_id!r} is neither a local directory nor a cached hub model "
+            "(downloads are never started by a run: fetch the weights first and give their path)"
+        ) from None
+
+
+def check_model_dir(path: str | Path, what: str, marker: str = "config.json") -> Path:
+    """A `save_pretrained` directory: `marker` must parse and every safetensors header must read."""
+    p = Path(path)
+    if not p.exists():
+        looks_like_hub_id = str(path).count("/") == 1 and not str(path).startswith((".", "/"))
+        if not looks_like_hub_id:
+            raise ModelFileError(f"{what}: {p} does not exist")
+        p = _hub_snapshot(str(path), what)
+    if not p.is_dir():
+        raise ModelFileError(f"{what}: {p} is not a directory")
+    _check_json(p / marker, what)
+    for weights in sorted(p.rglob("*.safetensors")):
+        _check_safetensors(weights, what)
+    return p
+
+
+def check_synth_models(config) -> None:
+    """Every model the synthesis run will load (a `SynthConfig`)."""
+    check_model_dir(config.generation.model, "generation.model", marker="model_index.json")
+    ir = config.scoring.imagereward
+    check_file(ir.checkpoint, "scoring.imagereward.checkpoint")
+    check_file(ir.med_config, "scoring.imagereward.med_config")
+    check_model_dir(ir.tokenizer, "scoring.imagereward.tokenizer", marker="tokenizer_config.json")
+    check_file(config.scoring.mps.checkpoint, "scoring.mps.checkpoint")
+    check_model_dir(config.scoring.mps.processor, "scoring.mps.processor", marker="preprocessor_config.json")
+    check_model_dir(config.recaption.model, "recaption.model")

@@ -1,0 +1,165 @@
+"""The synthesis run end to end on the tiny zoo: output, resume after SIGKILL, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+import yaml
+
+from layton.config import SynthConfig
+from pipelines.shards import complete_shards, read_index
+from tests.conftest import ROOT, synth_config_dict, write_prompts
+
+PROMPTS = [f"a photo of a {c} {o}" for c in ("red", "green", "blue", "black", "white", "golden") for o in ("cat", "car", "house", "tree", "boat")]
+
+
+def _samples(out: Path) -> dict[str, dict]:
+    """Every sample of every complete shard, by key, with all member bytes."""
+    samples = {}
+    for tar in sorted(out.glob("*.tar")):
+        for s in wds.WebDataset(str(tar), shardshuffle=False):
+            key = s.pop("__key__")
+            s.pop("__url__", None)
+            s.pop("__local_path__", None)
+            assert key not in samples, f"duplicate key {key}"
+            samples[key] = s
+    return samples
+
+
+def _config_file(tmp_path: Path, zoo: Path, name: str, prompts: Path, **overrides) -> Path:
+    cfg = synth_config_dict(zoo, prompts, tmp_path / name, **overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "layton.cli", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def test_synth_in_process(tiny_zoo, ray_local, tmp_path):
+    from pipelines.synth import run_synth
+    from pipelines.stats import shard_summary
+
+    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:10] + ["", None])
+    cfg = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out", output__shard_size=5))
+    result = run_synth(cfg)
+    assert result.shards_written == 3 and result.prompts == 12
+    index = read_index(tmp_path / "out").to_pylist()
+    assert len(index) == 12 and len({r["key"] for r in index}) == 12
+    by_status = {s: [r for r in index if r["status"] == s] for s in ("accepted", "rejected", "failed")}
+    assert sum(map(len, by_status.values())) == 12
+    assert {r["reason"] for r in index if r["prompt"] == ""} == {"empty_prompt", "null_prompt"}
+    samples = _samples(tmp_path / "out")
+    assert set(samples) == {r["key"] for r in by_status["accepted"]}
+    for r in by_status["accepted"]:
+        meta = json.loads(samples[r["key"]]["json"])
+        assert meta["prompt"] == r["prompt"] and meta["recaption"] == samples[r["key"]]["txt"].decode() != ""
+        assert meta["scores"]["imagereward"] >= cfg.scoring.imagereward_threshold
+        assert samples[r["key"]]["jpg"][:2] == b"\xff\xd8"
+    for r in index:
+        if r["status"] == "rejected" and r["imagereward"] is not None:
+            assert "threshold" in r["reason"]
+    summary = shard_summary(tmp_path / "out")
+    assert summary["total"] == 12 and summary["accepted"] == len(by_status["accepted"])
+    # A second run finds everything done and generates nothing.
+    again = run_synth(cfg)
+    assert again.shards_written == 0 and again.shards_skipped == 3
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_zoo, tmp_path):
+    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS + ["", "a photo of a red cat"])
+    common = dict(output__shard_size=4, generation__batch_size=2, generation__num_inference_steps=3)
+    ref_cfg = _config_file(tmp_path, tiny_zoo, "ref", prompts, **common)
+    run_cfg = _config_file(tmp_path, tiny_zoo, "run", prompts, **common)
+
+    ref = _cli("synth", ref_cfg)
+    killed = _cli("synth", run_cfg)
+    out = tmp_path / "run"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(complete_shards(out) if out.exists() else {}) < 2:
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    killed.wait()
+    n_before = len(complete_shards(out))
+    assert 2 <= n_before < 8, f"kill landed at {n_before} complete shards"
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+
+    resumed = _cli("synth", run_cfg)
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert f"kept {n_before} complete" in log
+
+    ref_samples, run_samples = _samples(tmp_path / "ref"), _samples(out)
+    assert ref_samples.keys() == run_samples.keys() and ref_samples
+    for key in ref_samples:
+        assert ref_samples[key] == run_samples[key], key
+    ref_index, run_index = read_index(tmp_path / "ref").to_pylist(), read_index(out).to_pylist()
+    assert len(run_index) == len({r["key"] for r in run_index}) == len(PROMPTS) + 2  # each prompt handled once
+    assert sorted(ref_index, key=lambda r: r["key"]) == sorted(run_index, key=lambda r: r["key"])
+    assert not list(out.glob("*.tmp"))
+
+
+def test_changed_settings_refuse_to_resume(tiny_zoo, tmp_path):
+    from pipelines.synth import ResumeConflict, prepare_output
+
+    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:3])
+    cfg = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out"))
+    prepare_output(cfg, force=False)
+    changed = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out", scoring__mps_threshold=5.0))
+    with pytest.raises(ResumeConflict, match=r"scoring.mps_threshold: 0.0 -> 5.0"):
+        prepare_output(changed, force=False)
+    prepare_output(changed, force=True)
+    more_actors = synth_config_dict(tiny_zoo, prompts, tmp_path / "out", scoring__mps_threshold=5.0, ray__num_cpus=16)
+    prepare_output(SynthConfig.model_validate(more_actors), force=False)  # resources may change
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_bad_model_path_fails_before_ray(tiny_zoo, tmp_path, damage):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    if damage == "missing":
+        bad = zoo / "mps" / "MPS_overall_checkpoint.pth"
+        bad.unlink()
+    else:
+        bad = next((zoo / "flux" / "transformer").glob("*.safetensors"))
+        bad.write_bytes(bad.read_bytes()[:1000])
+    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:3])
+    proc = _cli("synth", _config_file(tmp_path, zoo, "out", prompts))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2 and str(bad) in log, log
+    assert "Started a local Ray instance" not in log and not (tmp_path / "out").exists()
+
+
+def test_failing_generation_is_recorded_and_the_chunk_goes_on(tiny_zoo):
+    from pipelines.chunks import FAILED, GENERATED, PENDING
+    from pipelines.stages import GenerateStage
+
+    stage = GenerateStage(synth_config_dict(tiny_zoo, "x", Path("y"))["generation"])
+    real_pipe = stage.pipe
+
+    def pipe_failing_on_poison(prompt, **kw):
+        if "poison" in prompt:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real_pipe(prompt=prompt, **kw)
+
+    stage.pipe = pipe_failing_on_poison
+    row = {"ids": ["a", "b", "c"], "prompts": ["a cat", "poison", "a dog"], "seeds": [1, 2, 3],
+           "status": [PENDING] * 3, "reason": [""] * 3}
+    out = stage.process(row)
+    assert out["status"] == [GENERATED, FAILED, GENERATED]
+    assert out["reason"][1].startswith("generate_error: RuntimeError: CUDA error")
+    assert out["images"][0].std() > 0 and out["images"][1].max() == 0
+    alone = stage.generate(["a cat"], [1])[0]
+    np.testing.assert_array_equal(out["images"][0], alone)

@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from layton.config import ConfigError, SynthConfig, load_config
+from tests.conftest import ROOT
+
+
+def test_bundled_configs_validate():
+    for name in ("synth_demo.yaml", "synth_flux_dev.yaml"):
+        cfg = load_config(ROOT / "workflows" / name)
+        assert isinstance(cfg, SynthConfig)
+    real = load_config(ROOT / "workflows" / "synth_flux_dev.yaml")
+    assert (real.generation.height, real.generation.num_inference_steps, real.generation.guidance_scale) == (1024, 50, 3.5)
+    assert (real.scoring.imagereward_threshold, real.scoring.mps_threshold) == (0.8, 12.0)
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_unknown_field_names_file_and_field(tmp_path):
+    cfg = yaml.safe_load((ROOT / "workflows" / "synth_demo.yaml").read_text())
+    cfg["generation"]["num_steps"] = 4
+    path = _write(tmp_path, cfg)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "generation.num_steps" in str(e.value)
+
+
+def test_invalid_value_names_field(tmp_path):
+    cfg = yaml.safe_load((ROOT / "workflows" / "synth_demo.yaml").read_text())
+    cfg["generation"]["height"] = 100  # not a multiple of 16
+    cfg["scoring"]["resources"]["num_actors"] = 0
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, cfg))
+    assert "generation" in str(e.value) and "multiple of 16" in str(e.value)
+    assert "scoring.resources.num_actors" in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "x.yaml"
+    p.write_text("prompts: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_fingerprint_ignores_resources_only():
+    cfg = load_config(ROOT / "workflows" / "synth_demo.yaml")
+    more_gpus = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": 64})})
+    assert more_gpus.fingerprint_hash() == cfg.fingerprint_hash()
+    other = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"mps_threshold": 13.0})})
+    assert other.fingerprint_hash() != cfg.fingerprint_hash()
