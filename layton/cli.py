@@ -20,7 +20,6 @@ def _models_tiny(args) -> None:
 
 
 def _synth(args) -> None:
-    from pipelines.stats import format_summary, shard_summary
     from pipelines.synth import run_synth
 
     config = load_config(args.config)
@@ -33,7 +32,7 @@ def _synth(args) -> None:
         f"synth: wrote {result.shards_written} shard(s), kept {result.shards_skipped} complete one(s); "
         f"{result.accepted} accepted / {result.rejected} rejected / {result.failed} failed in {result.seconds:.1f}s"
     )
-    print(format_summary(shard_summary(config.output.dir)))
+    print(f"summary: layton shards stats {config.output.dir}")
 
 
 def _shards_stats(args) -> None:

@@ -110,6 +110,7 @@ class RayConfig(Section):
     address: str | None = None  # None: start a local instance
     num_cpus: int | None = Field(None, ge=1)  # local instance only
     num_gpus: int | None = Field(None, ge=0)  # local instance only
+    dashboard: bool = True  # local instance only; binds to 127.0.0.1
 
 
 class SynthConfig(Section):

@@ -185,7 +185,8 @@ def init_ray(config: SynthConfig) -> None:
         ray.init(address=config.ray.address)  # None here means RAY_ADDRESS: a Ray Job's cluster
     else:
         # Local instance; the dashboard (and the metrics it shows) listens on 127.0.0.1 only.
-        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, include_dashboard=True, dashboard_host="127.0.0.1")
+        r = config.ray
+        ray.init(num_cpus=r.num_cpus, num_gpus=r.num_gpus, include_dashboard=r.dashboard, dashboard_host="127.0.0.1")
 
 
 def run_synth(

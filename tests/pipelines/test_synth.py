@@ -27,7 +27,7 @@ def _samples(out: Path) -> dict[str, dict]:
     """Every sample of every complete shard, by key, with all member bytes."""
     samples = {}
     for tar in sorted(out.glob("*.tar")):
-        for s in wds.WebDataset(str(tar), shardshuffle=False):
+        for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
             key = s.pop("__key__")
             s.pop("__url__", None)
             s.pop("__local_path__", None)
@@ -48,66 +48,85 @@ def _cli(*args, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
-def test_synth_in_process(tiny_zoo, ray_local, tmp_path):
-    from pipelines.synth import run_synth
-    from pipelines.stats import shard_summary
+# Thresholds that split the tiny models' scores on these prompts.
+COMMON = dict(output__shard_size=4, generation__batch_size=2, scoring__imagereward_threshold=-1.6, scoring__mps_threshold=-8.0)
+ALL_PROMPTS = PROMPTS + ["", None]  # 32 prompts: 8 shards of 4
 
-    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:10] + ["", None])
-    cfg = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out", output__shard_size=5))
-    result = run_synth(cfg)
-    assert result.shards_written == 3 and result.prompts == 12
-    index = read_index(tmp_path / "out").to_pylist()
-    assert len(index) == 12 and len({r["key"] for r in index}) == 12
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_zoo, ray_local, tmp_path_factory):
+    """An uninterrupted run in this process (on the session's Ray)."""
+    from pipelines.synth import run_synth
+
+    tmp = tmp_path_factory.mktemp("reference")
+    prompts = write_prompts(tmp / "p.parquet", ALL_PROMPTS)
+    cfg = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp / "out", **COMMON))
+    return cfg, prompts, run_synth(cfg)
+
+
+def test_synth_output(reference_run):
+    from pipelines.stats import shard_summary
+    from pipelines.synth import run_synth
+
+    cfg, _, result = reference_run
+    out = Path(cfg.output.dir)
+    assert result.shards_written == 8 and result.prompts == 32
+    index = read_index(out).to_pylist()
+    assert len(index) == 32 and len({r["key"] for r in index}) == 32
     by_status = {s: [r for r in index if r["status"] == s] for s in ("accepted", "rejected", "failed")}
-    assert sum(map(len, by_status.values())) == 12
+    assert sum(map(len, by_status.values())) == 32
+    assert by_status["accepted"] and by_status["rejected"]  # the demo thresholds split the tiny scores
     assert {r["reason"] for r in index if r["prompt"] == ""} == {"empty_prompt", "null_prompt"}
-    samples = _samples(tmp_path / "out")
+    samples = _samples(out)
     assert set(samples) == {r["key"] for r in by_status["accepted"]}
     for r in by_status["accepted"]:
         meta = json.loads(samples[r["key"]]["json"])
         assert meta["prompt"] == r["prompt"] and meta["recaption"] == samples[r["key"]]["txt"].decode() != ""
         assert meta["scores"]["imagereward"] >= cfg.scoring.imagereward_threshold
+        assert meta["scores"]["mps"] >= cfg.scoring.mps_threshold
+        assert meta["generator"]["num_inference_steps"] == cfg.generation.num_inference_steps
         assert samples[r["key"]]["jpg"][:2] == b"\xff\xd8"
-    for r in index:
-        if r["status"] == "rejected" and r["imagereward"] is not None:
-            assert "threshold" in r["reason"]
-    summary = shard_summary(tmp_path / "out")
-    assert summary["total"] == 12 and summary["accepted"] == len(by_status["accepted"])
+    for r in by_status["rejected"]:
+        assert r["reason"] in ("empty_prompt", "null_prompt") or "threshold" in r["reason"]
+    summary = shard_summary(out)
+    assert summary["total"] == 32 and summary["accepted"] == len(by_status["accepted"])
+    assert json.loads((out / "manifest.json").read_text())["thresholds"]["mps"] == cfg.scoring.mps_threshold
     # A second run finds everything done and generates nothing.
     again = run_synth(cfg)
-    assert again.shards_written == 0 and again.shards_skipped == 3
+    assert again.shards_written == 0 and again.shards_skipped == 8
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tiny_zoo, tmp_path):
-    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS + ["", "a photo of a red cat"])
-    common = dict(output__shard_size=4, generation__batch_size=2, generation__num_inference_steps=3)
-    ref_cfg = _config_file(tmp_path, tiny_zoo, "ref", prompts, **common)
-    run_cfg = _config_file(tmp_path, tiny_zoo, "run", prompts, **common)
-
-    ref = _cli("synth", ref_cfg)
-    killed = _cli("synth", run_cfg)
+def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tiny_zoo, tmp_path):
+    _, prompts, _ = reference_run
+    ref = Path(reference_run[0].output.dir)
+    run_cfg = _config_file(tmp_path, tiny_zoo, "run", prompts, **COMMON)
     out = tmp_path / "run"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(complete_shards(out) if out.exists() else {}) < 2:
-        time.sleep(0.2)
-    os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started
+
+    killed = _cli("synth", run_cfg)
+    finished = 0
+    for line in killed.stdout:  # the CLI prints a line as each shard completes
+        finished += line.startswith("shard ")
+        if finished == 2:
+            os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            break
     killed.wait()
     n_before = len(complete_shards(out))
     assert 2 <= n_before < 8, f"kill landed at {n_before} complete shards"
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
 
     resumed = _cli("synth", run_cfg)
     log = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, log
     assert f"kept {n_before} complete" in log
 
-    ref_samples, run_samples = _samples(tmp_path / "ref"), _samples(out)
+    ref_samples, run_samples = _samples(ref), _samples(out)
     assert ref_samples.keys() == run_samples.keys() and ref_samples
     for key in ref_samples:
         assert ref_samples[key] == run_samples[key], key
-    ref_index, run_index = read_index(tmp_path / "ref").to_pylist(), read_index(out).to_pylist()
-    assert len(run_index) == len({r["key"] for r in run_index}) == len(PROMPTS) + 2  # each prompt handled once
+    ref_index, run_index = read_index(ref).to_pylist(), read_index(out).to_pylist()
+    assert len(run_index) == len({r["key"] for r in run_index}) == len(ALL_PROMPTS)  # each prompt handled once
     assert sorted(ref_index, key=lambda r: r["key"]) == sorted(run_index, key=lambda r: r["key"])
+    for tar in ref.glob("*.tar"):  # same shard numbers, byte-identical tars
+        assert (out / tar.name).read_bytes() == tar.read_bytes(), tar.name
     assert not list(out.glob("*.tmp"))
 
 
@@ -118,7 +137,7 @@ def test_changed_settings_refuse_to_resume(tiny_zoo, tmp_path):
     cfg = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out"))
     prepare_output(cfg, force=False)
     changed = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out", scoring__mps_threshold=5.0))
-    with pytest.raises(ResumeConflict, match=r"scoring.mps_threshold: 0.0 -> 5.0"):
+    with pytest.raises(ResumeConflict, match=r"scoring.mps_threshold: -5.0 -> 5.0"):
         prepare_output(changed, force=False)
     prepare_output(changed, force=True)
     more_actors = synth_config_dict(tiny_zoo, prompts, tmp_path / "out", scoring__mps_threshold=5.0, ray__num_cpus=16)

@@ -1,0 +1,250 @@
+"""Recaptioning generated images with Qwen2-VL.
+
+Two back ends with the same prompt and the same greedy decoding:
+
+- `TransformersRecaptioner`: transformers `generate` in-process; runs anywhere (the CPU tests,
+  the embedded default with the tiny zoo model), one batched call per `caption(...)`.
+- `build_vllm_recaptioner`: a Ray Data LLM processor (`ray.data.llm`) running vLLM engines on
+  GPUs; maps a Dataset of sample rows to the same rows plus a `recaption` column.
+
+The instruction is a user turn holding the image and a text part; an optional `{prompt}`
+placeholder in the instruction is replaced by the sample's generation prompt.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+DEFAULT_INSTRUCTION = "Describe this image in detail."
+ACCEPTED = "accepted"
+
+
+def render_instruction(instruction: str, prompt: str) -> str:
+    """The instruction with `{prompt}` replaced; plain replace, so other braces stay literal."""
+    return instruction.replace("{prompt}", prompt)
+
+
+def chat_messages(image_part: dict, text: str) -> list[dict]:
+    """One user turn, image first then text, as Qwen2-VL's examples order them."""
+    return [{"role": "user", "content": [image_part, {"type": "text", "text": text}]}]
+
+
+class TransformersRecaptioner:
+    """Greedy Qwen2-VL captions with transformers; deterministic for fixed inputs."""
+
+    def __init__(
+        self,
+        model_path,
+        *,
+        instruction: str = DEFAULT_INSTRUCTION,
+        max_new_tokens: int = 128,
+        device: str = "cpu",
+        dtype: str = "float32",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.instruction = instruction
+        self.max_new_tokens = max_new_tokens
+        self.device = torch.device(device)
+        self.processor = AutoProcessor.from_pretrained(str(model_path), trust_remote_code=False)
+        # Decoder-only batching: pad on the left so every row's new tokens start at the same index.
+        self.processor.tokenizer.padding_side = "left"
+        # The image processor's pixel budget decides the number of vision tokens per image.
+        current = self.processor.image_processor.size
+        size = {
+            "shortest_edge": int(min_pixels) if min_pixels is not None else current["shortest_edge"],
+            "longest_edge": int(max_pixels) if max_pixels is not None else current["longest_edge"],
+        }
+        self._images_kwargs = {"size": size} if (min_pixels, max_pixels) != (None, None) else {}
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            str(model_path), dtype=getattr(torch, dtype), trust_remote_code=False
+        ).to(self.device)
+        self.model.eval()
+
+    def caption(self, images: list, prompts: list[str]) -> list[str]:
+        """Captions for PIL images; `prompts` are their generation prompts (for `{prompt}`)."""
+        import torch
+
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if not images:
+            return []
+        texts = [
+            self.processor.apply_chat_template(
+                chat_messages({"type": "image"}, render_instruction(self.instruction, p)),
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for p in prompts
+        ]
+        inputs = self.processor(
+            text=texts,
+            images=[im.convert("RGB") for im in images],
+            padding=True,
+            return_tensors="pt",
+            **self._images_kwargs,
+        ).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1
+            )  # (B, prompt_len + new_len)
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM through ray.data.llm
+# --------------------------------------------------------------------------------------------
+
+# Columns the ray.data.llm stages read or write. An input column of the same name would be
+# overwritten on the way through, so its value is stashed and restored (in practice: `prompt`,
+# which the chat-template and engine stages use for the rendered LLM prompt).
+ENGINE_COLUMNS = frozenset(
+    {
+        "prompt", "messages", "sampling_params", "multimodal_data", "multimodal_uuids",
+        "mm_processor_kwargs", "tokenization_kwargs", "tokenized_prompt", "prompt_token_ids",
+        "num_input_tokens", "generated_tokens", "generated_text", "num_generated_tokens",
+        "embeddings", "metrics", "logprobs", "prompt_logprobs", "request_id", "batch_uuid",
+        "time_taken_llm", "params", "model",
+    }
+)  # fmt: skip
+_COLUMNS_KEY = "layton_columns"  # original column names, in order
+_STASH_KEY = "layton_stash"  # original values of columns in ENGINE_COLUMNS
+
+# Rows that are not accepted still pass through the engine (the processor maps every row; the
+# caller keeps them for the shard index), but as the cheapest request of the same shape: a 28x28
+# black image (Qwen2-VL's minimum resize makes it 56x56, i.e. 4 vision tokens) and max_tokens=1.
+# The same message structure for every row keeps the Arrow schema of `messages` uniform.
+_PLACEHOLDER_IMAGE = np.zeros((28, 28, 3), dtype=np.uint8)
+
+
+def image_data_url(image: np.ndarray) -> str:
+    """PNG data URL of an HxWx3 uint8 image: lossless, and a plain string through Arrow."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def vllm_preprocess_row(
+    row: dict[str, Any], *, instruction: str, max_new_tokens: int, model_source: str | None = None
+) -> dict[str, Any]:
+    """Sample row -> the fields ray.data.llm's stages read (OpenAI-style chat + sampling params).
+
+    Greedy (temperature 0) as the transformers back end. Returned keys are merged into the row.
+    """
+    accepted = row["status"] == ACCEPTED
+    image = row["image"] if accepted else _PLACEHOLDER_IMAGE
+    # The engine stage reads a `model` column as a LoRA adapter name when it differs from the
+    # engine's model: an input column of that name must read as the base model on the way through.
+    override = {}
+    if "model" in row:
+        if model_source is None:
+            raise ValueError("rows have a `model` column: pass model_source so it is not read as a LoRA name")
+        override["model"] = str(model_source)
+    return {
+        **override,
+        "messages": chat_messages(
+            {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+            render_instruction(instruction, str(row["prompt"])),
+        ),
+        "sampling_params": {
+            "temperature": 0.0,
+            "max_tokens": int(max_new_tokens) if accepted else 1,
+            "skip_special_tokens": True,
+        },
+        _COLUMNS_KEY: [c for c in row if c not in (_COLUMNS_KEY, _STASH_KEY)],
+        _STASH_KEY: {c: row[c] for c in row if c in ENGINE_COLUMNS},
+    }
+
+
+def vllm_postprocess_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Engine output row -> the original columns (restored) plus `recaption` ('' if not accepted)."""
+    stash = row[_STASH_KEY]
+    out = {c: stash[c] if c in stash else row[c] for c in row[_COLUMNS_KEY]}
+    out["recaption"] = str(row.get("generated_text") or "").strip() if out["status"] == ACCEPTED else ""
+    return out
+
+
+def vllm_processor_config(
+    model_path,
+    *,
+    concurrency: int | tuple[int, int],
+    batch_size: int,
+    engine_kwargs: dict | None = None,
+    num_gpus_per_instance: int = 1,
+):
+    """The `vLLMEngineProcessorConfig` for Qwen2-VL recaptioning (needs ray[data], not vLLM).
+
+    One engine replica spans `num_gpus_per_instance` GPUs via tensor parallelism; `concurrency`
+    is the number of replicas. The multimodal stage turns the image parts into vLLM
+    multi_modal_data; the chat-template stage renders the model's own template; tokenizing is
+    left to vLLM, which expands the image placeholders itself.
+    """
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    kwargs = {
+        "tensor_parallel_size": int(num_gpus_per_instance),
+        "limit_mm_per_prompt": {"image": 1},
+        "max_model_len": 4096,  # ~1.3k vision tokens at 1024^2 + instruction + caption
+        "trust_remote_code": False,
+        **(engine_kwargs or {}),
+    }
+    return vLLMEngineProcessorConfig(
+        model_source=str(model_path),
+        engine_kwargs=kwargs,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        prepare_multimodal_stage={"enabled": True, "chat_template_content_format": "openai"},
+        chat_template_stage=True,
+        tokenize_stage=False,
+        detokenize_stage=False,
+    )
+
+
+def build_vllm_recaptioner(
+    model_path,
+    *,
+    instruction: str = DEFAULT_INSTRUCTION,
+    max_new_tokens: int = 128,
+    concurrency: int | tuple[int, int] = 1,
+    batch_size: int = 16,
+    engine_kwargs: dict | None = None,
+    num_gpus_per_instance: int = 1,
+):
+    """A ray.data.llm processor: Dataset(prompt, image, status, ...) -> same rows + `recaption`."""
+    try:
+        import vllm  # noqa: F401
+        from ray.data.llm import build_processor
+    except ImportError as e:
+        raise ImportError(
+            "vLLM recaptioning needs vLLM and ray.data.llm: install the `gpu` extra "
+            "(pip install 'layton-on-ray[gpu]') on the GPU nodes, or use the transformers "
+            f"recaptioner. ({e})"
+        ) from e
+    config = vllm_processor_config(
+        model_path,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        engine_kwargs=engine_kwargs,
+        num_gpus_per_instance=num_gpus_per_instance,
+    )
+    return build_processor(
+        config,
+        preprocess=partial(
+            vllm_preprocess_row,
+            instruction=instruction,
+            max_new_tokens=max_new_tokens,
+            model_source=config.model_source,
+        ),
+        postprocess=vllm_postprocess_row,
+    )
