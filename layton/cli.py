@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (ConfigError, ModelFileError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ModelFileError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"layton: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. ResumeConflict

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.chunks import ACCEPTED
+
 DEFAULT_INSTRUCTION = "Describe this image in detail."
-ACCEPTED = "accepted"
 
 
 def render_instruction(instruction: str, prompt: str) -> str:
@@ -211,6 +212,19 @@ def vllm_processor_config(
     )
 
 
+def require_vllm() -> None:
+    """Fail early (before any cluster work) when the vLLM back end cannot run here."""
+    try:
+        import vllm  # noqa: F401
+        from ray.data.llm import build_processor  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "recaption.backend 'vllm' needs vLLM and ray.data.llm: install the `gpu` extra "
+            "(pip install 'layton-on-ray[gpu]') on the GPU nodes, or use backend 'transformers'. "
+            f"({e})"
+        ) from e
+
+
 def build_vllm_recaptioner(
     model_path,
     *,
@@ -222,15 +236,9 @@ def build_vllm_recaptioner(
     num_gpus_per_instance: int = 1,
 ):
     """A ray.data.llm processor: Dataset(prompt, image, status, ...) -> same rows + `recaption`."""
-    try:
-        import vllm  # noqa: F401
-        from ray.data.llm import build_processor
-    except ImportError as e:
-        raise ImportError(
-            "vLLM recaptioning needs vLLM and ray.data.llm: install the `gpu` extra "
-            "(pip install 'layton-on-ray[gpu]') on the GPU nodes, or use the transformers "
-            f"recaptioner. ({e})"
-        ) from e
+    require_vllm()
+    from ray.data.llm import build_processor
+
     config = vllm_processor_config(
         model_path,
         concurrency=concurrency,

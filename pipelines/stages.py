@@ -122,7 +122,7 @@ class ScoreStage(_ChunkStage):
 
     name = "score"
 
-    def __init__(self, cfg: dict, caption_required: bool = False):
+    def __init__(self, cfg: dict):
         from layton.scorers.imagereward import ImageRewardScorer
         from layton.scorers.mps import MPSScorer
 
@@ -132,7 +132,6 @@ class ScoreStage(_ChunkStage):
         ir = self.cfg.imagereward
         self.imagereward = ImageRewardScorer.from_release(ir.checkpoint, ir.med_config, ir.tokenizer, device=device, dtype=dtype)
         self.mps = MPSScorer.from_release(self.cfg.mps.checkpoint, self.cfg.mps.processor, device=device, dtype=dtype)
-        self.caption_required = caption_required  # recaption-first order: an uncaptioned sample is not scored
         self.metrics = SynthMetrics()
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -161,7 +161,7 @@ def build_dataset(config: SynthConfig, plan_path: Path):
         ds = _stage(ds, RecaptionStage, r.resources, **caption, statuses=(ACCEPTED,))
     else:
         ds = _stage(ds, RecaptionStage, r.resources, **caption, statuses=(GENERATED,))
-        ds = _stage(ds, ScoreStage, s.resources, **score, caption_required=True)
+        ds = _stage(ds, ScoreStage, s.resources, **score)  # a sample whose caption failed is not scored
     return ds.map_batches(encode_chunks, fn_kwargs=fmt)
 
 
@@ -197,8 +197,12 @@ def run_synth(
 ) -> SynthResult:
     """Run (or resume) the synthesis described by `config`. Returns what this invocation did."""
     t0 = time.time()
-    if config.recaption.backend == "vllm" and config.order != "score_first":
-        raise ValueError("recaption.backend 'vllm' runs after scoring: set order: score_first")
+    if config.recaption.backend == "vllm":
+        from pipelines.recaption import require_vllm
+
+        if config.order != "score_first":
+            raise ValueError("recaption.backend 'vllm' runs after scoring: set order: score_first")
+        require_vllm()
     # Everything that can fail on bad input fails here, before Ray starts.
     check_prompt_files(config.prompts)
     check_synth_models(config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -19,15 +19,39 @@ def tiny_zoo(tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
+    """A real local Ray for the session; `ray_local.metrics_url` is its Prometheus export."""
     import ray
 
+    port = free_port()
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield ray
     ray.shutdown()
+
+
+def scrape(url: str, name: str, timeout: float = 30.0) -> dict[str, float]:
+    """Samples of metric `name` on a Prometheus endpoint (label string -> value), once it shows."""
+    import re
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        found = {m.group(1): float(m.group(2)) for m in re.finditer(rf"^{name}\{{(.*)\}} (\S+)$", body, re.M)}
+        if found or time.time() > deadline:
+            return found
+        time.sleep(1)
 
 
 def synth_config_dict(zoo: Path, prompts: list[str] | str, out_dir: Path, **overrides) -> dict:

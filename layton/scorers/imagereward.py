@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+from layton.scorers import check_pairs
 from layton.scorers.blip import BlipBackbone, MedConfig, ViTConfig
 from layton.scorers.restricted_unpickle import load_exact
 
@@ -145,9 +146,7 @@ class ImageRewardScorer:
     @torch.inference_mode()
     def score(self, prompts: list[str], images: list[Image.Image]) -> np.ndarray:
         """One reward per (prompt, image) pair, computed in a single batched forward. -> (N,) float64"""
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-        if not prompts:
+        if not check_pairs(prompts, images):
             return np.zeros(0, dtype=np.float64)
         text = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt"

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from layton.scorers import check_pairs
 from layton.scorers.restricted_unpickle import load_exact, read_module_tensors
 
 CONDITION = (
@@ -262,9 +263,7 @@ class MPSScorer:
     @torch.inference_mode()
     def score(self, prompts: list[str], images: list[Image.Image]) -> np.ndarray:
         """One MPS score per (prompt, image) pair, computed in a single batched forward. -> (N,) float64"""
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-        if not prompts:
+        if not check_pairs(prompts, images):
             return np.zeros(0, dtype=np.float64)
         ids = self._tokenize(list(prompts)).to(self.device)
         cond = self._condition_ids.expand(len(prompts), -1).to(self.device)

@@ -8,7 +8,7 @@
                                          config.json (CLIPConfig), preprocessor_config.json
                                          (CLIPImageProcessor, 224 px), vocab.json + merges.txt
                                          (CLIP BPE with '</w>' word ends, learned offline
-                                         from `tokenizer_corpus()`),
+                                         by `layton.zoo.text_tokenizers`),
                                          tokenizer.json, tokenizer_config.json
 
 The classes are importable module-level classes so `torch.save(model)` pickles them by reference,
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from torch import nn
 from transformers import CLIPConfig
 from transformers import CLIPModel as HFCLIPModel
 
-from layton.zoo.corpus import tokenizer_corpus
+from layton.zoo.text_tokenizers import save_clip_tokenizer_release, train_clip_tokenizer
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77)
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=32)
@@ -145,70 +144,10 @@ def tiny_clip_config(vocab_size: int) -> CLIPConfig:
     )
 
 
-def _clip_normalizer_and_pretokenizer():
-    from tokenizers import Regex, normalizers, pre_tokenizers
-
-    # Same normaliser and pre-tokeniser as transformers' CLIPTokenizer, so training sees what it will see.
-    norm = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    pre = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    return norm, pre
-
-
-def _train_bpe(word_counts: Counter, max_merges: int) -> list[tuple[str, str]]:
-    """Plain BPE over words ending in '</w>'; ties go to the smallest pair, so runs are identical.
-
-    (`tokenizers`' BpeTrainer breaks ties in hash order: two runs give different merges.)
-    """
-    seqs = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in word_counts}
-    merges: list[tuple[str, str]] = []
-    for _ in range(max_merges):
-        pairs: Counter = Counter()
-        for w, n in word_counts.items():
-            s = seqs[w]
-            for pair in zip(s, s[1:]):
-                pairs[pair] += n
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        for w, s in seqs.items():
-            out, i = [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            seqs[w] = tuple(out)
-    return merges
-
-
 def _write_processor(out: Path) -> int:
     """CLIP BPE tokenizer + image processor files; returns the vocab size (EOS is the last id)."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    norm, pre = _clip_normalizer_and_pretokenizer()
-    words = Counter(piece for line in tokenizer_corpus() for piece, _ in pre.pre_tokenize_str(norm.normalize_str(line)))
-    merges = _train_bpe(words, max_merges=800)
-    # Real CLIP vocab order: bytes, bytes + '</w>', merged tokens, then <|startoftext|>, <|endoftext|> last.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    seen = set(tokens)
-    for a, b in merges:
-        if a + b not in seen:
-            tokens.append(a + b)
-            seen.add(a + b)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"), model_max_length=77)
-    tok.save_pretrained(str(out))
+    tok = train_clip_tokenizer()  # the same offline CLIP BPE as the tiny FLUX's
+    save_clip_tokenizer_release(tok, out, with_tokenizer_json=True)
     preprocessor = {
         "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
         "do_resize": True, "size": {"shortest_edge": VISION["image_size"]}, "resample": 3,
@@ -217,7 +156,7 @@ def _write_processor(out: Path) -> int:
         "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    return len(tokens)
+    return len(tok)
 
 
 def _init_(name: str, param: torch.Tensor, gen: torch.Generator) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from layton.zoo.corpus import tokenizer_corpus
-from layton.zoo.flux import byte_symbols, learn_bpe, pretokenized_words
+from layton.zoo.text_tokenizers import byte_symbols, learn_bpe, pretokenized_words
 
 # Qwen2-VL's added tokens in the release's id order (<|endoftext|> first, then ChatML, grounding,
 # vision); in the real vocabulary they are 151643..151656, here they follow the trained BPE.

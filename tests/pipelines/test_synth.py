@@ -18,7 +18,7 @@ import yaml
 
 from layton.config import SynthConfig
 from pipelines.shards import complete_shards, read_index
-from tests.conftest import ROOT, synth_config_dict, write_prompts
+from tests.conftest import ROOT, scrape, synth_config_dict, write_prompts
 
 PROMPTS = [f"a photo of a {c} {o}" for c in ("red", "green", "blue", "black", "white", "golden") for o in ("cat", "car", "house", "tree", "boat")]
 
@@ -64,7 +64,11 @@ def reference_run(tiny_zoo, ray_local, tmp_path_factory):
     return cfg, prompts, run_synth(cfg)
 
 
-def test_synth_output(reference_run):
+def _total(samples: dict[str, float], **labels: str) -> float:
+    return sum(v for k, v in samples.items() if all(f'{lk}="{lv}"' in k for lk, lv in labels.items()))
+
+
+def test_synth_output(reference_run, ray_local):
     from pipelines.stats import shard_summary
     from pipelines.synth import run_synth
 
@@ -91,6 +95,10 @@ def test_synth_output(reference_run):
     summary = shard_summary(out)
     assert summary["total"] == 32 and summary["accepted"] == len(by_status["accepted"])
     assert json.loads((out / "manifest.json").read_text())["thresholds"]["mps"] == cfg.scoring.mps_threshold
+    # The driver's live counters reached the metrics export (what the dashboard's Metrics view reads).
+    written = scrape(ray_local.metrics_url, "ray_layton_synth_written_total")
+    assert _total(written) == len(by_status["accepted"])
+    assert _total(scrape(ray_local.metrics_url, "ray_layton_synth_rejected_total"), reason="reader") == 2
     # A second run finds everything done and generates nothing.
     again = run_synth(cfg)
     assert again.shards_written == 0 and again.shards_skipped == 8
@@ -182,3 +190,38 @@ def test_failing_generation_is_recorded_and_the_chunk_goes_on(tiny_zoo):
     assert out["images"][0].std() > 0 and out["images"][1].max() == 0
     alone = stage.generate(["a cat"], [1])[0]
     np.testing.assert_array_equal(out["images"][0], alone)
+
+
+def test_vllm_backend_without_vllm_fails_before_ray(tiny_zoo, tmp_path):
+    from pipelines.synth import run_synth
+
+    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:3])
+    cfg = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out", recaption__backend="vllm"))
+    with pytest.raises(ImportError, match="gpu"):
+        run_synth(cfg)
+    assert not (tmp_path / "out").exists()
+    first = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out", recaption__backend="vllm",
+                                                         order="recaption_first"))
+    with pytest.raises(ValueError, match="score_first"):
+        run_synth(first)
+
+
+def test_stage_metrics_are_exported(ray_local):
+    @ray_local.remote
+    def stage_work():
+        from pipelines.metrics import SynthMetrics
+
+        m = SynthMetrics()
+        m.latency("score", 0.3, items=4)
+        m.scores([0.9, -0.5], [12.5, 3.0])
+        m.count("rejected", 1, reason="mps_below_threshold")
+        import time
+
+        time.sleep(8)  # stay alive until the metrics agent has pulled the values
+
+    ray_local.get(stage_work.remote())
+    url = ray_local.metrics_url
+    assert _total(scrape(url, "ray_layton_synth_stage_seconds_count"), stage="score") >= 1
+    assert _total(scrape(url, "ray_layton_synth_items_processed_total"), stage="score") >= 4
+    assert _total(scrape(url, "ray_layton_synth_mps_count")) >= 2
+    assert _total(scrape(url, "ray_layton_synth_rejected_total"), reason="mps_below_threshold") >= 1
