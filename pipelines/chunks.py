@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 
 PENDING, GENERATED, ACCEPTED, REJECTED, FAILED = "pending", "generated", "accepted", "rejected", "failed"
-LIST_COLUMNS = ("ids", "prompts", "sources", "status", "reason", "recaption", "seeds", "rows", "imagereward", "mps")
 
 
 def _py(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return [_py(v) for v in value]
+    """Numpy values from a Ray batch → plain Python (lists, ints, floats, str, bytes)."""
+    if isinstance(value, np.ndarray):
+        return [_py(v) for v in value] if value.dtype == object else value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -42,7 +42,7 @@ def unpack(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         row = {}
         for k, col in batch.items():
             v = col[i]
-            row[k] = v if k == "images" else (list(_py(v)) if k in LIST_COLUMNS or k == "image_bytes" else _py(v))
+            row[k] = v if k == "images" else _py(v)
         rows.append(row)
     return rows
 

@@ -21,7 +21,7 @@ import ray
 
 from layton.config import SynthConfig, save_config
 from layton.model_files import check_synth_models
-from pipelines.chunks import ACCEPTED, GENERATED
+from pipelines.chunks import ACCEPTED, GENERATED, unpack
 from pipelines.metrics import SynthMetrics
 from pipelines.plan import PlanSummary, write_plan
 from pipelines.prompts import check_prompt_files, read_prompts
@@ -166,16 +166,16 @@ def build_dataset(config: SynthConfig, plan_path: Path):
 
 
 def _samples(config: SynthConfig, ds) -> Iterator[dict]:
+    """The pipeline's output as one dict per handled prompt, in plan order."""
     if config.recaption.backend == "vllm":
         for sample in ds.iter_rows():
-            sample = dict(sample)
-            row = {"status": [sample["status"]], "reason": [sample["reason"]], "recaption": [sample["recaption"] or ""]}
+            row = {k: [sample[k] or ""] for k in ("status", "reason", "recaption")}
             mark_empty_captions(row, (ACCEPTED,))
-            sample.update(status=row["status"][0], reason=row["reason"][0], recaption=row["recaption"][0])
-            yield sample
+            yield {**sample, **{k: v[0] for k, v in row.items()}}
     else:
-        for chunk in ds.iter_rows():
-            yield from explode({k: (list(v) if hasattr(v, "__len__") and not isinstance(v, (str, bytes)) else v) for k, v in chunk.items()})
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            for chunk in unpack(batch):
+                yield from explode(chunk)
 
 
 def init_ray(config: SynthConfig) -> None:
