@@ -189,6 +189,32 @@ def init_ray(config: SynthConfig) -> None:
         ray.init(num_cpus=r.num_cpus, num_gpus=r.num_gpus, include_dashboard=r.dashboard, dashboard_host="127.0.0.1")
 
 
+def check_resources(config: SynthConfig, started_here: bool) -> None:
+    """The stage actors must fit with room for Ray Data's read and encode tasks, or the run hangs.
+
+    On a local instance the resources are fixed: too little is an error. A cluster may autoscale,
+    so there it is a warning.
+    """
+    stages = {"generation": config.generation, "scoring": config.scoring, "recaption": config.recaption}
+    need_cpu = sum(s.resources.num_actors * s.resources.num_cpus for s in stages.values()) + 1  # + a task slot
+    need_gpu = sum(s.resources.num_actors * s.resources.num_gpus for s in stages.values())
+    have = ray.cluster_resources()
+    problems = [
+        f"{kind}: stage actors need {need:g} (+1 CPU for tasks) but Ray has {have.get(kind, 0):g}"
+        for kind, need in (("CPU", need_cpu), ("GPU", need_gpu))
+        if need > have.get(kind, 0)
+    ]
+    if not problems:
+        return
+    detail = "; ".join(problems) + " (" + ", ".join(
+        f"{n}: {s.resources.num_actors} x {s.resources.num_cpus:g} CPU, {s.resources.num_gpus:g} GPU" for n, s in stages.items()
+    ) + ")"
+    if started_here:
+        ray.shutdown()
+        raise ValueError(f"resources: {detail}; lower the stages' resources or raise ray.num_cpus/num_gpus")
+    log.warning("resources: %s; the run waits until the cluster has them", detail)
+
+
 def run_synth(
     config: SynthConfig,
     *,
@@ -225,7 +251,9 @@ def run_synth(
         result.seconds = time.time() - t0
         return result
 
+    started_here = not ray.is_initialized() and not (config.ray.address or os.environ.get("RAY_ADDRESS"))
     init_ray(config)
+    check_resources(config, started_here)
     metrics = SynthMetrics()
     metrics.count("prompts_read", plan.prompts, "prompts planned")
     if plan.reader_rejected:

@@ -225,3 +225,14 @@ def test_stage_metrics_are_exported(ray_local):
     assert _total(scrape(url, "ray_layton_synth_items_processed_total"), stage="score") >= 4
     assert _total(scrape(url, "ray_layton_synth_mps_count")) >= 2
     assert _total(scrape(url, "ray_layton_synth_rejected_total"), reason="mps_below_threshold") >= 1
+
+
+def test_stage_actors_that_cannot_fit_fail_clearly(tiny_zoo, tmp_path):
+    prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:3])
+    # 3 actors of 2 CPUs on a 4-CPU local instance: Ray Data would wait forever for a task slot.
+    proc = _cli("synth", _config_file(tmp_path, tiny_zoo, "out", prompts, generation__resources__num_cpus=2,
+                                      scoring__resources__num_cpus=2, recaption__resources__num_cpus=2))
+    log = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 2, log
+    assert "resources: CPU: stage actors need 7" in log and "Ray has 4" in log
+    assert not list((tmp_path / "out").glob("*.tar"))
