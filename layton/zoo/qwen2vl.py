@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from layton.zoo.corpus import tokenizer_corpus
-from layton.zoo.text_tokenizers import byte_symbols, learn_bpe, pretokenized_words
+from layton.zoo.text_tokenizers import bpe_vocab, byte_symbols, learn_bpe, pretokenized_words
 
 # Qwen2-VL's added tokens in the release's id order (<|endoftext|> first, then ChatML, grounding,
 # vision); in the real vocabulary they are 151643..151656, here they follow the trained BPE.
@@ -93,11 +93,7 @@ def train_qwen2_tokenizer():
     from transformers import Qwen2Tokenizer
 
     merges = list(_qwen2_merges())
-    vocab = {s: i for i, s in enumerate(byte_symbols())}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    for s in SPECIAL_TOKENS:
-        vocab[s] = len(vocab)
+    vocab = bpe_vocab(byte_symbols(), merges, list(SPECIAL_TOKENS))
     return Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,

@@ -41,6 +41,16 @@ def pretokenized_words(backend, lines: list[str]) -> Counter:
     return words
 
 
+def bpe_vocab(base: list[str], merges: list[tuple[str, str]], specials: list[str]) -> dict[str, int]:
+    """Release vocabulary order: base symbols, merged tokens in merge order, special tokens last."""
+    vocab = {s: i for i, s in enumerate(base)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    for s in specials:
+        vocab[s] = len(vocab)
+    return vocab
+
+
 def learn_bpe(words: Counter, *, end_of_word_suffix: str = "", max_merges: int = 4000) -> list[tuple[str, str]]:
     # ~1-3 s in pure Python for the zoo corpus; callers cache the result per process.
     """BPE merges (Sennrich et al.): repeatedly merge the most frequent adjacent symbol pair,
@@ -85,11 +95,7 @@ def train_clip_tokenizer():
 
     merges = list(_clip_merges())
     symbols = byte_symbols()
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    vocab[_CLIP_BOS] = len(vocab)
-    vocab[_CLIP_EOS] = len(vocab)
+    vocab = bpe_vocab(symbols + [s + "</w>" for s in symbols], merges, [_CLIP_BOS, _CLIP_EOS])
     return CLIPTokenizer(
         vocab=vocab,
         merges=merges,
