@@ -17,9 +17,10 @@ install: $(BIN)/layton
 
 # The main job on the embedded default: tiny model zoo, local Ray, bundled prompts.
 demo: install
-	test -f $(DEMO)/zoo/ZOO_COMPLETE || $(BIN)/layton models tiny $(DEMO)/zoo
+	$(BIN)/layton models tiny $(DEMO)/zoo --if-missing
 	$(BIN)/layton synth workflows/synth_demo.yaml
 	$(BIN)/layton shards stats $(DEMO)/shards
+	$(BIN)/layton train tokenizer workflows/tokenizer_demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

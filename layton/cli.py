@@ -13,8 +13,11 @@ from layton.model_files import ModelFileError
 
 
 def _models_tiny(args) -> None:
-    from layton.zoo import write_tiny_zoo
+    from layton.zoo import write_tiny_zoo, zoo_complete
 
+    if args.if_missing and zoo_complete(args.dir):
+        print(f"{args.dir}: complete tiny zoo present")
+        return
     for name, path in write_tiny_zoo(args.dir, seed=args.seed).items():
         print(f"{name:24s} {path}")
 
@@ -53,6 +56,68 @@ def _convert_mps(args) -> None:
     print(convert_mps_checkpoint(args.src, args.dst))
 
 
+def _train_tokenizer(args) -> None:
+    from layton.config import TokenizerTrainConfig
+    from workflows.train_tokenizer import run_tokenizer_stage
+
+    config = load_config(args.config, TokenizerTrainConfig)
+    for stage in ([1, 2] if args.stage == "all" else [int(args.stage)]):
+        r = run_tokenizer_stage(config, stage)
+        if r.precompute:
+            p = r.precompute
+            print(f"precompute: {p['usable']} image(s) usable, {p['skipped']} skipped {p['skipped_by_reason'] or ''}")
+        if r.skipped:
+            print(f"stage {stage}: already complete at step {r.step}: {r.tokenizer_dir}")
+        else:
+            m = r.metrics
+            print(f"stage {stage}: step {r.step}, loss {m.get('loss', float('nan')):.4f}, "
+                  f"{m.get('skipped_images', 0)} image(s) skipped, {r.seconds:.1f}s -> {r.tokenizer_dir}")
+        grids = sorted((Path(r.tokenizer_dir).parent / "grids").glob("*.png"))
+        if grids:
+            print(f"stage {stage}: reconstruction grid {grids[-1]}")
+
+
+DEFAULT_TOKENIZER = "runs/demo/train/tokenizer-stage2/tokenizer"
+
+
+def _encode(args) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from layton.tokenizer import LaytonTokenizer
+
+    tok = LaytonTokenizer.from_pretrained(args.tokenizer)
+    images = []
+    for path in args.images:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable image ({e})") from None
+    ids = tok.encode(images, encoder_size=args.encoder_size).cpu().numpy().astype(np.int32)
+    np.save(args.output, ids)
+    print(f"{args.output}: ids {tuple(ids.shape)} ({ids.shape[1] * ids.shape[2]} tokens per image)")
+
+
+def _decode(args) -> None:
+    import numpy as np
+
+    from layton.tokenizer import LaytonTokenizer
+
+    try:
+        ids = np.load(args.ids, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{args.ids}: not a token id array ({e})") from None
+    if ids.ndim == 2:
+        ids = ids[None]
+    tok = LaytonTokenizer.from_pretrained(args.tokenizer)
+    images = tok.decode(ids, size=args.size, steps=args.steps, sampler=args.sampler, seed=args.seed)
+    out = Path(args.output)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(len(images))]
+    for img, path in zip(images, paths):
+        img.save(path)
+        print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layton", description="Layton on Ray: data synthesis, training, evaluation")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -62,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = models.add_parser("tiny", help="write the tiny model zoo (real architectures, release formats)")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--if-missing", action="store_true", help="do nothing when DIR holds a complete zoo of this version")
     tiny.set_defaults(fn=_models_tiny)
 
     synth = sub.add_parser("synth", help="run or resume a synthesis config")
@@ -81,6 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     mps.add_argument("src")
     mps.add_argument("dst")
     mps.set_defaults(fn=_convert_mps)
+
+    train = sub.add_parser("train", help="training jobs on Ray Train").add_subparsers(dest="what", required=True)
+    tt = train.add_parser("tokenizer", help="train the Layton tokenizer (resumes when rerun)")
+    tt.add_argument("config")
+    tt.add_argument("--stage", choices=["1", "2", "all"], default="all")
+    tt.set_defaults(fn=_train_tokenizer)
+
+    enc = sub.add_parser("encode", help="images -> token ids (.npy, shape (N, h, w))")
+    enc.add_argument("images", nargs="+")
+    enc.add_argument("-o", "--output", required=True)
+    enc.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer directory (default {DEFAULT_TOKENIZER})")
+    enc.add_argument("--encoder-size", type=int, default=None, help="encoder input px (default: the tokenizer's, 256)")
+    enc.set_defaults(fn=_encode)
+
+    dec = sub.add_parser("decode", help="token ids (.npy) -> image(s)")
+    dec.add_argument("ids")
+    dec.add_argument("-o", "--output", required=True)
+    dec.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer directory (default {DEFAULT_TOKENIZER})")
+    dec.add_argument("--size", type=int, default=1024)
+    dec.add_argument("--steps", type=int, default=None, help="consistency steps (1 or 2) or DDIM steps")
+    dec.add_argument("--sampler", choices=["consistency", "ddim"], default=None)
+    dec.add_argument("--seed", type=int, default=0)
+    dec.set_defaults(fn=_decode)
     return p
 
 

@@ -140,6 +140,138 @@ class SynthConfig(Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+
+# --- Tokenizer training (two stages on Ray Train) -------------------------------------------------
+
+
+class TokenizerModelConfig(Section):
+    vq: str  # LlamaGen VQ-16 checkpoint (`{"model": state_dict}` .pt)
+    sdxl: str  # SDXL pipeline directory: unet/, vae/, scheduler/, text encoders (empty-prompt conditions)
+    vae: str | None = None  # an AutoencoderKL directory (e.g. the fp16-fix VAE); default: sdxl/vae
+    encoder_sizes: list[int] = Field(default_factory=lambda: [224, 256, 288], min_length=1)
+    inference_encoder_size: int = 256  # 256 px -> 16x16 = 256 tokens
+    embedder_channels: list[int] = Field(default_factory=lambda: [512, 256, 128], min_length=1)  # one x2 upsampling each
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        for s in [*self.encoder_sizes, self.inference_encoder_size]:
+            if s % 16:
+                raise ValueError(f"encoder size {s} must be a multiple of 16 (the VQ downsamples 16x)")
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class ConsistencyConfig(Section):
+    kind: Literal["hypersd", "tlcm"]  # Hyper-SD: 1 step; TLCM: 2 steps
+    lora: str  # the LoRA .safetensors, fused into the frozen UNet
+    lora_scale: float = 1.0
+    timesteps: list[int] | None = None  # default: [999] (hypersd), [999, 499] (tlcm)
+
+    def resolved_timesteps(self) -> list[int]:
+        return self.timesteps or ([999] if self.kind == "hypersd" else [999, 499])
+
+
+class LPIPSConfig(Section):
+    net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    backbone: str  # torchvision release weights of the backbone (vgg16-397923af.pth, ...)
+
+
+class StageConfig(Section):
+    max_steps: int = Field(ge=1)
+    batch_size: int = Field(4, ge=1)  # per worker
+    # (from step, image px): progressive resolution; the paper trains 512 then 1024.
+    resolution_schedule: list[tuple[int, int]] = Field(default_factory=lambda: [(0, 512), (40000, 1024)], min_length=1)
+    optim: OptimConfig = OptimConfig()
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    image_every: int = Field(1000, ge=1)  # reconstruction grid
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast on CUDA; CPU runs float32
+    gradient_checkpointing: bool = False
+    vae_slicing: bool = False
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        steps = [s for s, _ in self.resolution_schedule]
+        if steps[0] != 0 or steps != sorted(set(steps)):
+            raise ValueError("resolution_schedule must start at step 0 and increase")
+        for _, px in self.resolution_schedule:
+            if px % 8:
+                raise ValueError(f"resolution {px} must be a multiple of 8 (the VAE downsamples 8x)")
+        return self
+
+    def resolution_at(self, step: int) -> int:
+        return [px for s, px in self.resolution_schedule if s <= step][-1]
+
+
+class Stage2Config(StageConfig):
+    consistency: ConsistencyConfig
+    lpips: LPIPSConfig
+    init_from: str | None = None  # stage-1 tokenizer directory; default: the stage-1 run's export
+
+
+class TokenizerDataConfig(Section):
+    shards: list[str] = Field(min_length=1)  # synthesis output directories (complete shards are read)
+    precompute: bool = True  # encode tokens + VAE latents once (Ray Data) instead of every step
+    precompute_dir: str | None = None  # default: <storage_path>/<name>-precompute
+    num_actors: int = Field(1, ge=1)  # precompute actors
+    num_gpus: float = Field(0.0, ge=0)  # per precompute actor
+    shuffle_seed: int = 0
+    # Keep each worker's rows in memory after the first epoch (small data sets: the demo, tests);
+    # large ones stream every epoch from Ray Data.
+    cache_in_memory: bool = False
+
+
+class TrainRunConfig(Section):
+    storage_path: str  # Ray Train storage (checkpoints, TensorBoard, exports)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # rerunning the same name resumes
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
+class TokenizerTrainConfig(Section):
+    model: TokenizerModelConfig
+    data: TokenizerDataConfig
+    run: TrainRunConfig
+    stage1: StageConfig
+    stage2: Stage2Config
+    ray: RayConfig = RayConfig()
+
+    def stage(self, n: int) -> StageConfig:
+        return self.stage1 if n == 1 else self.stage2
+
+    def resolutions(self) -> list[int]:
+        return sorted({px for st in (self.stage1, self.stage2) for _, px in st.resolution_schedule})
+
+    def with_absolute_paths(self) -> TokenizerTrainConfig:
+        """Ray Train workers do not run in the driver's directory: local paths are made absolute."""
+        m, d, s2 = self.model, self.data, self.stage2
+        return self.model_copy(update={
+            "model": m.model_copy(update={"vq": _absolute(m.vq), "sdxl": _absolute(m.sdxl), "vae": _absolute(m.vae)}),
+            "data": d.model_copy(update={"shards": [_absolute(p) for p in d.shards], "precompute_dir": _absolute(d.precompute_dir)}),
+            "run": self.run.model_copy(update={"storage_path": str(Path(self.run.storage_path).resolve())}),
+            "stage2": s2.model_copy(update={
+                "init_from": _absolute(s2.init_from),
+                "consistency": s2.consistency.model_copy(update={"lora": _absolute(s2.consistency.lora)}),
+                "lpips": s2.lpips.model_copy(update={"backbone": _absolute(s2.lpips.backbone)}),
+            }),
+        })
+
+
+def _absolute(p: str | None) -> str | None:
+    """A local path made absolute; None and hub ids (no such local path) stay as they are."""
+    return str(Path(p).resolve()) if p is not None and Path(p).exists() else p
+
+
 def _field_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 

@@ -186,3 +186,23 @@ class ShardWriter:
     def abort(self) -> None:
         self._file.close()
         self._tmp.unlink(missing_ok=True)
+
+
+def write_image_shards(out_dir: Path, samples: list[tuple[str, str, bytes, str]], shard_size: int = 1000) -> dict[int, dict]:
+    """Shards of images made elsewhere: (key, caption, encoded image, extension) per sample.
+
+    Every sample is recorded as accepted, without scores; the result reads like a synthesis output
+    (tests and benchmarks train on real photographs through it).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for shard, start in enumerate(range(0, len(samples), shard_size)):
+        chunk = samples[start : start + shard_size]
+        writer = ShardWriter(out_dir, shard, len(chunk), {"generator": None})
+        for key, caption, data, ext in chunk:
+            sample = {"key": key, "prompt": caption, "recaption": caption, "seed": 0, "source": "import", "row": 0,
+                      "status": ACCEPTED, "reason": None, "imagereward": None, "mps": None}
+            writer.add(sample, data, ext)
+        stats[shard] = writer.close()
+    return stats

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import ray
 
 from layton.config import SynthConfig, save_config
 from layton.model_files import check_synth_models
+from layton.ray_cluster import init_ray
 from pipelines.chunks import ACCEPTED, GENERATED, unpack
 from pipelines.metrics import SynthMetrics
 from pipelines.plan import PlanSummary, write_plan
@@ -178,17 +178,6 @@ def _samples(config: SynthConfig, ds) -> Iterator[dict]:
                 yield from explode(chunk)
 
 
-def init_ray(config: SynthConfig) -> None:
-    if ray.is_initialized():
-        return
-    if config.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=config.ray.address)  # None here means RAY_ADDRESS: a Ray Job's cluster
-    else:
-        # Local instance; the dashboard (and the metrics it shows) listens on 127.0.0.1 only.
-        r = config.ray
-        ray.init(num_cpus=r.num_cpus, num_gpus=r.num_gpus, include_dashboard=r.dashboard, dashboard_host="127.0.0.1")
-
-
 def check_resources(config: SynthConfig, started_here: bool) -> None:
     """The stage actors must fit with room for Ray Data's read and encode tasks, or the run hangs.
 
@@ -251,8 +240,7 @@ def run_synth(
         result.seconds = time.time() - t0
         return result
 
-    started_here = not ray.is_initialized() and not (config.ray.address or os.environ.get("RAY_ADDRESS"))
-    init_ray(config)
+    started_here = init_ray(config.ray)
     check_resources(config, started_here)
     metrics = SynthMetrics()
     metrics.count("prompts_read", plan.prompts, "prompts planned")

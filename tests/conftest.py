@@ -19,6 +19,18 @@ def tiny_zoo(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny models are per-op-overhead bound; with a second thread they only lose time, badly so
+    when another process holds the other core (threads wait on each other at every op)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,6 +85,11 @@ def synth_config_dict(zoo: Path, prompts: list[str] | str, out_dir: Path, **over
     cfg["recaption"]["model"] = str(zoo / "qwen2vl")
     cfg["output"]["dir"] = str(out_dir)
     cfg["ray"]["dashboard"] = False  # faster start-up for the many short runs of the tests
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: dict, overrides: dict) -> dict:
+    """`section__field=value` keyword overrides applied to a config dict."""
     for dotted, value in overrides.items():
         node = cfg
         *parents, leaf = dotted.split("__")

@@ -56,3 +56,30 @@ def test_fingerprint_ignores_resources_only():
     assert more_gpus.fingerprint_hash() == cfg.fingerprint_hash()
     other = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"mps_threshold": 13.0})})
     assert other.fingerprint_hash() != cfg.fingerprint_hash()
+
+
+def test_tokenizer_configs_validate_and_carry_paper_settings():
+    from layton.config import TokenizerTrainConfig
+
+    load_config(ROOT / "workflows" / "tokenizer_demo.yaml", TokenizerTrainConfig)
+    real = load_config(ROOT / "workflows" / "tokenizer_sdxl.yaml", TokenizerTrainConfig)
+    assert (real.stage1.max_steps, real.stage2.max_steps) == (80000, 30000)
+    assert real.stage1.optim.betas == (0.9, 0.99) and real.stage1.optim.lr == 1e-5
+    assert real.run.num_workers * real.stage1.batch_size == 4
+    assert [real.stage1.resolution_at(s) for s in (0, 39999, 40000)] == [512, 512, 1024]
+    assert real.stage2.consistency.resolved_timesteps() == [999]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model__encoder_sizes", [250], "multiple of 16"),
+    ("stage1__resolution_schedule", [[10, 512]], "start at step 0"),
+    ("stage2__consistency__kind", "lcm", "stage2.consistency.kind"),
+    ("run__name", "a/b", "run.name"),
+])
+def test_tokenizer_config_errors_name_the_field(tmp_path, field, value, message):
+    from layton.config import TokenizerTrainConfig
+    from tests.conftest import apply_overrides
+
+    cfg = apply_overrides(yaml.safe_load((ROOT / "workflows" / "tokenizer_demo.yaml").read_text()), {field: value})
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, cfg), TokenizerTrainConfig)

@@ -6,16 +6,22 @@ result with the same loaders that load real weights.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+
+ZOO_VERSION = 2  # raised whenever a model is added or changed
 
 
 def write_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Every tiny model, each in its own sub-directory. Returns the paths a config names."""
     from layton.zoo.flux import write_tiny_flux
     from layton.zoo.imagereward import write_tiny_imagereward
+    from layton.zoo.llamagen_vq import write_tiny_llamagen_vq
+    from layton.zoo.lpips_backbone import write_tiny_lpips_backbone
     from layton.zoo.mps import write_tiny_mps
     from layton.zoo.qwen2vl import write_tiny_qwen2vl
+    from layton.zoo.sdxl import build_tiny_sdxl, write_tiny_consistency_loras, write_tiny_sdxl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -23,9 +29,19 @@ def write_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     paths |= {f"imagereward_{k}": v for k, v in write_tiny_imagereward(out / "imagereward", seed=seed).items()}
     paths |= {f"mps_{k}": v for k, v in write_tiny_mps(out / "mps", seed=seed).items()}
     paths["qwen2vl"] = write_tiny_qwen2vl(out / "qwen2vl", seed=seed)
-    (out / "ZOO_COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    # Tokenizer (Layton): LlamaGen VQ-16, SDXL, its consistency LoRAs, the LPIPS backbone.
+    paths["llamagen_vq"] = write_tiny_llamagen_vq(out / "llamagen_vq", seed=seed)
+    paths["sdxl"] = write_tiny_sdxl(out / "sdxl", seed=seed)
+    loras = write_tiny_consistency_loras(out / "consistency", build_tiny_sdxl(seed).unet, seed=seed)
+    paths |= {f"lora_{k}": v for k, v in loras.items()}
+    paths["lpips_backbone"] = write_tiny_lpips_backbone(out / "lpips", net="alex", seed=seed)
+    (out / "ZOO_COMPLETE").write_text(json.dumps({"version": ZOO_VERSION, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     return paths
 
 
 def zoo_complete(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / "ZOO_COMPLETE").exists()
+    """A whole zoo of this version (an older zoo lacks the models added since)."""
+    try:
+        return json.loads((Path(out_dir) / "ZOO_COMPLETE").read_text()).get("version") == ZOO_VERSION
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return False

@@ -1,0 +1,184 @@
+"""Training input for the tokenizer: shard images, and the precomputed tokens + latents pass.
+
+The VQ encoder, quantizer and SDXL VAE encoder are frozen, so their outputs for a training image
+never change. `precompute` runs them once as a Ray Data pass and writes parquet with, per image:
+
+    key, image (the shard's encoded bytes: stage 2 needs pixels for LPIPS),
+    tokens_<S>  int16 code ids of the S-px encoder input (S in model.encoder_sizes), row-major h*w
+    latent_<R>  float16 bytes of the (4, R/8, R/8) scaled VAE latents (R in the stages' resolutions)
+    error       why the image was skipped (unreadable bytes), else ""
+
+`_precompute.json` is written last: it holds the settings the pass ran with (a pass with other
+settings is redone, not reused) and the counts, including skipped images by reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+from PIL import Image
+
+from pipelines.shards import complete_shards, shard_name
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("jpg", "png", "webp")
+MARKER = "_precompute.json"
+
+
+def shard_tars(dirs: list[str]) -> list[str]:
+    """The tars of the complete shards of each synthesis output directory."""
+    tars = []
+    for d in dirs:
+        done = complete_shards(Path(d))
+        if not done:
+            raise FileNotFoundError(f"data.shards: {d} holds no complete shard (run `layton synth` first)")
+        tars += [str(Path(d) / f"{shard_name(s)}.tar") for s in sorted(done) if done[s].get("accepted", 1)]
+    if not tars:
+        raise FileNotFoundError(f"data.shards: no accepted samples in {', '.join(dirs)}")
+    return tars
+
+
+def _image_column(batch: dict) -> dict:
+    images = []
+    for i in range(len(batch["__key__"])):
+        # A member a sample lacks comes back as None or NaN, depending on the block.
+        data = next((batch[c][i] for c in IMAGE_COLUMNS if c in batch and isinstance(batch[c][i], bytes)), b"")
+        images.append(data)
+    return {"key": batch["__key__"], "image": np.array(images, dtype=object)}
+
+
+def read_shard_images(dirs: list[str]) -> ray.data.Dataset:
+    """key + encoded image bytes of every accepted sample (decoding happens where it is used)."""
+    ds = ray.data.read_webdataset(shard_tars(dirs), decoder=None)
+    return ds.map_batches(_image_column, batch_format="numpy")
+
+
+def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None) or (None, reason). Grayscale, palette, alpha and CMYK images become RGB."""
+    if not data:
+        return None, "no image member"
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB"), None
+    except Exception as e:  # PIL raises many types for truncated/garbled files
+        return None, f"unreadable image: {type(e).__name__}"
+
+
+class PrecomputeStage:
+    """Ray Data actor: frozen VQ encoder + SDXL VAE encoder over image bytes."""
+
+    def __init__(self, vq_path: str, vae_dir: str, vae_subfolder: str | None, encoder_sizes: list[int],
+                 resolutions: list[int], device: str = "auto"):
+        from diffusers import AutoencoderKL
+
+        from layton.devices import pick_device
+        from layton.vq import load_llamagen_vq
+
+        self.device = pick_device(device)
+        self.vq = load_llamagen_vq(vq_path).to(self.device)
+        self.vae = AutoencoderKL.from_pretrained(vae_dir, subfolder=vae_subfolder).to(self.device).eval()
+        self.encoder_sizes, self.resolutions = encoder_sizes, resolutions
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        from layton.tokenizer import images_to_tensor, vae_encode
+
+        n = len(batch["key"])
+        decoded = [decode_image(b) for b in batch["image"]]
+        ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
+        out: dict = {"key": batch["key"], "image": batch["image"],
+                     # "" rather than null: an all-null column comes back from parquet as float NaN.
+                     "error": np.array([err or "" for _, err in decoded], dtype=object)}
+        images = [decoded[i][0] for i in ok]
+        # Skipped rows get zeros / empty bytes (their `error` says so): typed columns, no nulls.
+        for s in self.encoder_sizes:
+            col = np.zeros((n, (s // 16) ** 2), dtype=np.int16)
+            if images:
+                codes = self.vq.encode_codes(images_to_tensor(images, s).to(self.device)).cpu().numpy()
+                col[ok] = codes.reshape(len(ok), -1)
+            out[f"tokens_{s}"] = col
+        for r in self.resolutions:
+            col = np.array([b""] * n, dtype=object)
+            if images:
+                z = vae_encode(self.vae, images_to_tensor(images, r).to(self.device)).float().cpu().numpy()
+                for j, i in enumerate(ok):
+                    col[i] = z[j].astype(np.float16).tobytes()
+            out[f"latent_{r}"] = col
+        return out
+
+
+def precompute_settings(config) -> dict:
+    m = config.model
+    return {
+        "shards": shard_tars(config.data.shards),
+        "vq": str(Path(m.vq).resolve()),
+        "vae": str(Path(m.vae or Path(m.sdxl) / "vae").resolve()),
+        "encoder_sizes": sorted(m.encoder_sizes),
+        "resolutions": config.resolutions(),
+    }
+
+
+def precompute_dir(config) -> Path:
+    d = config.data.precompute_dir or Path(config.run.storage_path) / f"{config.run.name}-precompute"
+    return Path(d).resolve()
+
+
+def read_marker(out: Path) -> dict | None:
+    try:
+        return json.loads((out / MARKER).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def precompute(config) -> dict:
+    """Run the pass unless a complete one with the same settings exists. Returns the marker."""
+    out = precompute_dir(config)
+    settings = precompute_settings(config)
+    marker = read_marker(out)
+    if marker and marker["settings"] == settings:
+        return marker
+    if out.exists():
+        log.info("precompute: %s is incomplete or was made with other settings; redoing it", out)
+        shutil.rmtree(out)
+    m, d = config.model, config.data
+    vae_dir, sub = (m.vae, None) if m.vae else (m.sdxl, "vae")
+    ds = read_shard_images(config.data.shards).map_batches(
+        PrecomputeStage,
+        fn_constructor_kwargs=dict(vq_path=m.vq, vae_dir=vae_dir, vae_subfolder=sub, encoder_sizes=settings["encoder_sizes"],
+                                   resolutions=settings["resolutions"], device="cuda" if d.num_gpus else "cpu"),
+        batch_size=8,
+        compute=ray.data.ActorPoolStrategy(size=d.num_actors),
+        num_gpus=d.num_gpus,
+        batch_format="numpy",
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.write_parquet(str(tmp))
+    table = pq.read_table(tmp, columns=["error"])
+    errors = [e for e in table.column("error").to_pylist() if e]
+    marker = {
+        "settings": settings,
+        "images": table.num_rows,
+        "usable": table.num_rows - len(errors),
+        "skipped": len(errors),
+        "skipped_by_reason": {r: errors.count(r) for r in sorted(set(errors))},
+    }
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+    os.replace(tmp, out)
+    return marker
+
+
+def read_precomputed(config) -> ray.data.Dataset:
+    # Rows with an `error` stay in: the training workers skip and count them like on-the-fly ones.
+    return ray.data.read_parquet(str(precompute_dir(config)), file_extensions=["parquet"])
