@@ -43,6 +43,7 @@ def test_odd_images_are_converted_and_corrupt_ones_skipped_and_counted(tiny_zoo,
     assert precompute(config) == marker  # complete with the same settings: reused, not redone
 
 
+@pytest.mark.slow  # two Ray Train runs; the resume test below covers Ray Train in the default suite
 def test_both_stages_train_and_export(tiny_zoo, ray_local, tmp_path):
     from layton.tokenizer import LaytonTokenizer
     from workflows.train_tokenizer import run_tokenizer_stage
@@ -101,7 +102,8 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_zoo, photo_shards, tmp_path
     assert [h["step"] for h in second] == list(range(start + 2, 13, 2))  # the step counter goes on
     # The LR warm-up continues where it stopped instead of starting over: the schedule was restored.
     assert second[0]["lr"] == pytest.approx(1e-4 * (start + 3) / 20)  # LambdaLR: factor (updates + 1) / 20
-    final = max(stage_dir.glob("checkpoint_*"), key=lambda p: json.loads((p / "trainer_state.json").read_text())["step"])
+    final = max((p.parent for p in stage_dir.glob("checkpoint_*/trainer_state.json")),
+                key=lambda p: json.loads((p / "trainer_state.json").read_text())["step"])
     # Adam's per-parameter step counts 12 updates only if its state came back from the checkpoint.
     adam_steps = {float(v) for k, v in load_file(final / "optimizer.safetensors").items() if k.endswith(".step")}
     assert adam_steps == {12.0}
