@@ -23,7 +23,7 @@ def _layton(cwd: Path, *args: str) -> str:
 
 
 def test_demo_commands_end_to_end(tmp_path):
-    """The README's main job in a clean directory: zoo, synthesis, stats."""
+    """The README's main job in a clean directory: zoo, synthesis, stats, tokenizer training."""
     shutil.copytree(ROOT / "workflows", tmp_path / "workflows")
     _layton(tmp_path, "models", "tiny", "runs/demo/zoo")
     log = _layton(tmp_path, "synth", "workflows/synth_demo.yaml")
@@ -31,6 +31,11 @@ def test_demo_commands_end_to_end(tmp_path):
     stats = _layton(tmp_path, "shards", "stats", "runs/demo/shards")
     assert "68 prompts handled" in stats and "duplicate_prompt" in stats and "prompt_too_long" in stats
     assert (tmp_path / "runs/demo/shards/score_histograms.png").stat().st_size > 1000
+    log = _layton(tmp_path, "train", "tokenizer", "workflows/tokenizer_demo.yaml")
+    assert "stage 1: step 30" in log and "stage 2: step 15" in log
+    export = tmp_path / "runs/demo/train/tokenizer-stage2/tokenizer"
+    assert (export / "tokenizer_config.json").is_file() and (export / "ladd.safetensors").is_file()
+    assert list((tmp_path / "runs/demo/train/tokenizer-stage2/grids").glob("step_*.png"))
 
 
 def test_recaption_first_order(tiny_zoo, ray_local, tmp_path):
