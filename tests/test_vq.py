@@ -8,7 +8,6 @@ functionally over the raw tensors of the checkpoint file, not over `layton.vq`'s
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import pytest
@@ -311,15 +310,12 @@ def test_preprocess_center_crops_the_longer_side():
 
 # ---- tiny zoo writer --------------------------------------------------------------------------
 
-def test_writer_is_fast_seeded_and_keeps_global_rng(tmp_path):
+def test_writer_is_seeded_and_keeps_global_rng(tmp_path):
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    t0 = time.perf_counter()
     a = write_tiny_llamagen_vq(tmp_path / "a", seed=0)
-    elapsed = time.perf_counter() - t0
     assert torch.equal(torch.rand(3), expected_next)
-    assert elapsed < 2.0
     assert a.name == "vq_ds16_t2i.pt"
     b = write_tiny_llamagen_vq(tmp_path / "b", seed=0)
     c = write_tiny_llamagen_vq(tmp_path / "c", seed=1)
