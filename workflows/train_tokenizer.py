@@ -250,7 +250,7 @@ def train_loop(loop_config: dict) -> None:
             opt.step()
             lr_sched.step()
             step += 1
-            window_loss.append(float(loss))
+            window_loss.append(loss.item())
             window_samples += b.features.shape[0] * world
 
             if rank == 0 and (step % st.image_every == 0 or step == st.max_steps) and grid_batch is not None:

@@ -80,12 +80,11 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_zoo, photo_shards, tmp_path
     stage_dir = tmp_path / "runs" / "tokenizer-stage1"
 
     killed = _cli("train", "tokenizer", "--stage", "1", path)
-    deadline = time.time() + 400
     snapshot = stage_dir / "checkpoint_manager_snapshot.json"
-    # Ray records a checkpoint in its snapshot only once the whole directory is persisted.
+    # Ray records a checkpoint in its snapshot only once the whole directory is persisted. A run
+    # that never checkpoints finishes its 12 steps and exits, which ends the wait as a failure.
     while not (snapshot.is_file() and json.loads(snapshot.read_text()).get("latest_checkpoint_result")):
         assert killed.poll() is None, killed.stdout.read()
-        assert time.time() < deadline, "no checkpoint was written"
         time.sleep(0.5)
     os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started
     killed.wait()
