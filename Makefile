@@ -21,6 +21,8 @@ demo: install
 	$(BIN)/layton synth workflows/synth_demo.yaml
 	$(BIN)/layton shards stats $(DEMO)/shards
 	$(BIN)/layton train tokenizer workflows/tokenizer_demo.yaml
+	$(BIN)/layton train gen workflows/gen_demo.yaml
+	$(BIN)/layton generate --prompts workflows/data/gen_prompts.txt -o $(DEMO)/generate --size 128
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -77,7 +77,58 @@ def _train_tokenizer(args) -> None:
             print(f"stage {stage}: reconstruction grid {grids[-1]}")
 
 
+def _train_gen(args) -> None:
+    from layton.config import GenTrainConfig
+    from workflows.train_gen import run_gen_training
+
+    config = load_config(args.config, GenTrainConfig)
+    r = run_gen_training(config)
+    if r.precompute:
+        p = r.precompute
+        print(f"text precompute: {p['usable']} caption(s) usable, {p['skipped']} skipped {p['skipped_by_reason'] or ''}")
+    if r.skipped:
+        print(f"laytongen: already complete at step {r.step}: {r.directory}")
+    else:
+        m = r.metrics
+        print(f"laytongen: step {r.step}, loss {m.get('loss', float('nan')):.4f} (uniform {m.get('uniform_ce', float('nan')):.4f}), "
+              f"{m.get('skipped_rows', 0)} row(s) skipped, {r.seconds:.1f}s -> {r.directory}")
+    grids = sorted((Path(r.directory).parent / "samples").glob("*.png"))
+    if grids:
+        print(f"laytongen: sample grid {grids[-1]}")
+
+
 DEFAULT_TOKENIZER = "runs/demo/train/tokenizer-stage2/tokenizer"
+DEFAULT_LAYTONGEN = "runs/demo/train/laytongen/laytongen"
+
+
+def _generate(args) -> None:
+    from pipelines.generate import GenerateSettings, generate_from_file
+
+    settings = GenerateSettings(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                size=args.size, decode_steps=args.steps, seed=args.seed)
+    if args.prompts:
+        if args.prompt is not None:
+            raise ValueError("give a prompt or --prompts FILE, not both")
+
+        def progress(r: dict) -> None:
+            print(f"{r['id']}: {r['file'] or 'FAILED ' + r['error']}", flush=True)
+
+        c = generate_from_file(args.laytongen, args.prompts, args.output, settings, column=args.column,
+                               num_actors=args.num_actors, num_gpus=args.num_gpus, batch_size=args.batch_size, on_record=progress)
+        print(f"generate: {c['generated']} generated, {c['failed']} failed, {c['already_done']} already done "
+              f"of {c['prompts']} prompt(s) in {c['seconds']:.1f}s -> {args.output}/metadata.jsonl")
+        return
+    if args.prompt is None:
+        raise ValueError("give a prompt (\"\" samples unconditionally) or --prompts FILE")
+    from layton.devices import pick_device
+    from layton.laytongen import LaytonGenPipeline
+
+    pipe = LaytonGenPipeline.from_pretrained(args.laytongen, device=pick_device("auto"))
+    params = pipe.default_params(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    (r,) = pipe(args.prompt, seed=args.seed, params=params, size=args.size, steps=args.steps)
+    r.image.save(args.output)
+    notes = [n for n, on in (("unconditional: empty prompt", r.unconditional), ("truncated to 120 T5 tokens", r.truncated)) if on]
+    print(f"{args.output}" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def _encode(args) -> None:
@@ -153,6 +204,28 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("config")
     tt.add_argument("--stage", choices=["1", "2", "all"], default="all")
     tt.set_defaults(fn=_train_tokenizer)
+
+    tg = train.add_parser("gen", help="train LaytonGen (resumes when rerun)")
+    tg.add_argument("config")
+    tg.set_defaults(fn=_train_gen)
+
+    gen = sub.add_parser("generate", help="text -> image with LaytonGen (one prompt, or a prompt file as a Ray Data job)")
+    gen.add_argument("prompt", nargs="?", help='the prompt; "" samples unconditionally')
+    gen.add_argument("-o", "--output", required=True, help="PNG path (one prompt) or output directory (--prompts)")
+    gen.add_argument("--prompts", help="prompt file: .txt (a line each), .jsonl ('prompt' field) or .parquet")
+    gen.add_argument("--column", default="prompt", help="field/column of .jsonl/.parquet prompt files")
+    gen.add_argument("--laytongen", default=DEFAULT_LAYTONGEN, help=f"LaytonGen directory (default {DEFAULT_LAYTONGEN})")
+    gen.add_argument("--cfg-scale", type=float, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--size", type=int, default=1024, help="output px")
+    gen.add_argument("--steps", type=int, default=None, help="decoder steps (default: the tokenizer's consistency steps)")
+    gen.add_argument("--num-actors", type=int, default=1)
+    gen.add_argument("--num-gpus", type=float, default=0.0, help="per actor")
+    gen.add_argument("--batch-size", type=int, default=4)
+    gen.set_defaults(fn=_generate)
 
     enc = sub.add_parser("encode", help="images -> token ids (.npy, shape (N, h, w))")
     enc.add_argument("images", nargs="+")

@@ -257,7 +257,7 @@ class TokenizerTrainConfig(Section):
         m, d, s2 = self.model, self.data, self.stage2
         return self.model_copy(update={
             "model": m.model_copy(update={"vq": _absolute(m.vq), "sdxl": _absolute(m.sdxl), "vae": _absolute(m.vae)}),
-            "data": d.model_copy(update={"shards": [_absolute(p) for p in d.shards], "precompute_dir": _absolute(d.precompute_dir)}),
+            "data": d.model_copy(update={"shards": [_absolute(p) for p in d.shards], "precompute_dir": _resolved(d.precompute_dir)}),
             "run": self.run.model_copy(update={"storage_path": str(Path(self.run.storage_path).resolve())}),
             "stage2": s2.model_copy(update={
                 "init_from": _absolute(s2.init_from),
@@ -265,6 +265,98 @@ class TokenizerTrainConfig(Section):
                 "lpips": s2.lpips.model_copy(update={"backbone": _absolute(s2.lpips.backbone)}),
             }),
         })
+
+
+# --- LaytonGen training (Ray Train) -----------------------------------------------------------------
+
+
+class GPTArch(Section):
+    """A LlamaGen size by name, or explicit dims (all three) for other sizes (the tiny zoo's)."""
+
+    size: Literal["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL"] | None = "GPT-XL"
+    n_layer: int | None = Field(None, ge=1)
+    n_head: int | None = Field(None, ge=1)
+    dim: int | None = Field(None, ge=1)
+    token_dropout_p: float = Field(0.1, ge=0, lt=1)
+    resid_dropout_p: float = Field(0.1, ge=0, lt=1)
+    ffn_dropout_p: float = Field(0.1, ge=0, lt=1)
+    caption_dropout_p: float = Field(0.1, ge=0, lt=1)  # captions replaced by the unconditional one (CFG)
+
+    @model_validator(mode="after")
+    def _dims(self):
+        given = [x is not None for x in (self.n_layer, self.n_head, self.dim)]
+        if any(given) and not all(given):
+            raise ValueError("give all of n_layer, n_head and dim, or none (and a size)")
+        if not any(given) and self.size is None:
+            raise ValueError("give a size (GPT-B/L/XL/XXL) or n_layer, n_head and dim")
+        return self
+
+
+class GenModelConfig(Section):
+    gpt: GPTArch = GPTArch()
+    init_from: str | None = None  # a LlamaGen t2i GPT .pt or a LaytonGen directory; default: random init
+    text_encoder: str  # flan-t5-xl directory (T5EncoderModel + tokenizer)
+    tokenizer: str  # Layton tokenizer directory: its VQ made the training tokens, its decoder draws the samples
+    image_size: int = Field(256, ge=16)  # encoder input px: (image_size/16)^2 image tokens
+
+    @model_validator(mode="after")
+    def _size(self):
+        if self.image_size % 16:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 16 (the VQ downsamples 16x)")
+        return self
+
+
+class GenDataConfig(Section):
+    tokens: str  # the tokenizer's precompute directory (key, caption, tokens_<image_size>)
+    precompute_dir: str | None = None  # text features; default: <storage_path>/<name>-text
+    num_actors: int = Field(1, ge=1)  # text-encoder actors
+    num_gpus: float = Field(0.0, ge=0)  # per text-encoder actor
+    shuffle_seed: int = 0
+    cache_in_memory: bool = False  # as in the tokenizer's data section
+
+
+class SamplingConfig(Section):
+    cfg_scale: float = Field(7.5, ge=0)  # 1: no guidance
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = Field(1000, ge=0)  # 0: off
+    top_p: float = Field(1.0, gt=0, le=1)  # 1: off
+    image_size: int = Field(1024, ge=8)  # decoded px
+    decode_steps: int | None = Field(None, ge=1)  # default: the tokenizer's consistency steps
+
+
+class GenTrainLoop(Section):
+    max_steps: int = Field(ge=1)
+    batch_size: int = Field(8, ge=1)  # per worker
+    optim: OptimConfig = OptimConfig(name="adamw", lr=1e-4, betas=(0.9, 0.99), weight_decay=0.05)
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(1000, ge=1)  # a grid of samples for `sample_prompts`
+    sample_prompts: list[str] = Field(default_factory=lambda: ["a red fire hydrant in front of a skyscraper",
+                                                               "a photo of a cat sitting on a sofa"])
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast on CUDA; CPU runs float32
+
+
+class GenTrainConfig(Section):
+    model: GenModelConfig
+    data: GenDataConfig
+    run: TrainRunConfig
+    train: GenTrainLoop
+    sampling: SamplingConfig = SamplingConfig()
+    ray: RayConfig = RayConfig()
+
+    def with_absolute_paths(self) -> GenTrainConfig:
+        m, d = self.model, self.data
+        return self.model_copy(update={
+            "model": m.model_copy(update={"init_from": _absolute(m.init_from), "text_encoder": _absolute(m.text_encoder),
+                                          "tokenizer": _absolute(m.tokenizer)}),
+            "data": d.model_copy(update={"tokens": _absolute(d.tokens), "precompute_dir": _resolved(d.precompute_dir)}),
+            "run": self.run.model_copy(update={"storage_path": str(Path(self.run.storage_path).resolve())}),
+        })
+
+
+def _resolved(p: str | None) -> str | None:
+    """An output path (it may not exist yet) made absolute."""
+    return str(Path(p).resolve()) if p is not None else None
 
 
 def _absolute(p: str | None) -> str | None:

@@ -7,9 +7,13 @@ Ray has started actors.
 
 from __future__ import annotations
 
+import argparse
 import json
+import pickle
 import zipfile
 from pathlib import Path
+
+import torch
 
 from safetensors import safe_open
 
@@ -99,3 +103,32 @@ def check_synth_models(config) -> None:
     check_file(config.scoring.mps.checkpoint, "scoring.mps.checkpoint")
     check_model_dir(config.scoring.mps.processor, "scoring.mps.processor", marker="preprocessor_config.json")
     check_model_dir(config.recaption.model, "recaption.model")
+
+
+def load_torch_state_dict(path: str | Path, what: str, map_location="cpu") -> dict[str, torch.Tensor]:
+    """The tensors of an upstream `.pt` release, read with `weights_only=True` (no pickled code runs).
+
+    Accepts `{"model": sd}` (LlamaGen), `{"module": sd}` (DeepSpeed), `{"state_dict": sd}` or a bare
+    state dict; `module.` / `_orig_mod.` prefixes left by DDP and torch.compile are removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
+    try:
+        # LlamaGen's training scripts also pickle their argparse.Namespace ("args"): plain data, allowed.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1][:300]
+        raise ValueError(f"{path}: refusing to unpickle a checkpoint that holds more than tensors ({reason})") from err
+    except (RuntimeError, EOFError) as err:  # truncated or not a torch.save file at all
+        raise ValueError(f"{path}: cannot read as a torch checkpoint ({str(err)[:300]})") from err
+    if isinstance(obj, dict):
+        for key in ("model", "module", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: not a {what} checkpoint (expected {{'model': state_dict}}, found {keys})")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}

@@ -31,8 +31,6 @@ an argmin over near-equal distances, match upstream's rather than merely approxi
 
 from __future__ import annotations
 
-import argparse
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,36 +313,13 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
 
 
-def _state_dict_of(obj, path: Path) -> dict[str, torch.Tensor]:
-    """The weights inside a loaded checkpoint: `{"model": sd}` (LlamaGen), `{"state_dict": sd}` or sd."""
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: not a LlamaGen VQ checkpoint (expected {{'model': state_dict}}, found {keys})")
-    return obj
-
-
 def load_llamagen_vq(path: str | Path, map_location: str | torch.device = "cpu") -> VQModel:
     """Load a LlamaGen VQ release (`vq_ds16_c2i.pt`, `vq_ds16_t2i.pt`) strictly; frozen, eval, float32."""
+    from layton.model_files import load_torch_state_dict
     from layton.scorers.restricted_unpickle import load_exact
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LlamaGen VQ checkpoint not found: {path}")
-    try:
-        # LlamaGen's training script also pickles its argparse.Namespace ("args"): plain data, allowed.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1][:300]
-        raise ValueError(f"{path}: refusing to unpickle a checkpoint that holds more than tensors ({reason})") from err
-    except (RuntimeError, EOFError) as err:  # truncated or not a torch.save file at all
-        raise ValueError(f"{path}: cannot read as a torch checkpoint ({str(err)[:300]})") from err
-    sd = dict(_state_dict_of(obj, path))
+    sd = load_torch_state_dict(path, "LlamaGen VQ", map_location)
     try:
         config = VQConfig.from_state_dict(sd)
     except (ValueError, IndexError) as err:

@@ -4,35 +4,32 @@ The VQ encoder, quantizer and SDXL VAE encoder are frozen, so their outputs for 
 never change. `precompute` runs them once as a Ray Data pass and writes parquet with, per image:
 
     key, image (the shard's encoded bytes: stage 2 needs pixels for LPIPS),
+    caption     the sample's training caption (`.txt`): LaytonGen's text precompute reads it from here
     tokens_<S>  int16 code ids of the S-px encoder input (S in model.encoder_sizes), row-major h*w
     latent_<R>  float16 bytes of the (4, R/8, R/8) scaled VAE latents (R in the stages' resolutions)
     error       why the image was skipped (unreadable bytes), else ""
 
-`_precompute.json` is written last: it holds the settings the pass ran with (a pass with other
-settings is redone, not reused) and the counts, including skipped images by reason.
+The pass is written by `pipelines.precompute.run_pass` (marker, reuse, atomic rename).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
 
+from pipelines.precompute import read_pass, run_pass
 from pipelines.shards import complete_shards, shard_name
 
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("jpg", "png", "webp")
-MARKER = "_precompute.json"
+PASS_VERSION = 2  # 2: the caption column
 
 
 def shard_tars(dirs: list[str]) -> list[str]:
@@ -49,16 +46,18 @@ def shard_tars(dirs: list[str]) -> list[str]:
 
 
 def _image_column(batch: dict) -> dict:
-    images = []
+    images, captions = [], []
     for i in range(len(batch["__key__"])):
         # A member a sample lacks comes back as None or NaN, depending on the block.
         data = next((batch[c][i] for c in IMAGE_COLUMNS if c in batch and isinstance(batch[c][i], bytes)), b"")
         images.append(data)
-    return {"key": batch["__key__"], "image": np.array(images, dtype=object)}
+        txt = batch["txt"][i] if "txt" in batch else None
+        captions.append(txt.decode("utf-8", errors="replace") if isinstance(txt, bytes) else "")
+    return {"key": batch["__key__"], "image": np.array(images, dtype=object), "caption": np.array(captions, dtype=object)}
 
 
 def read_shard_images(dirs: list[str]) -> ray.data.Dataset:
-    """key + encoded image bytes of every accepted sample (decoding happens where it is used)."""
+    """key, encoded image bytes and caption of every accepted sample (decoding happens where it is used)."""
     ds = ray.data.read_webdataset(shard_tars(dirs), decoder=None)
     return ds.map_batches(_image_column, batch_format="numpy")
 
@@ -97,7 +96,7 @@ class PrecomputeStage:
         n = len(batch["key"])
         decoded = [decode_image(b) for b in batch["image"]]
         ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
-        out: dict = {"key": batch["key"], "image": batch["image"],
+        out: dict = {"key": batch["key"], "image": batch["image"], "caption": batch["caption"],
                      # "" rather than null: an all-null column comes back from parquet as float NaN.
                      "error": np.array([err or "" for _, err in decoded], dtype=object)}
         images = [decoded[i][0] for i in ok]
@@ -126,6 +125,7 @@ def precompute_settings(config) -> dict:
         "vae": str(Path(m.vae or Path(m.sdxl) / "vae").resolve()),
         "encoder_sizes": sorted(m.encoder_sizes),
         "resolutions": config.resolutions(),
+        "version": PASS_VERSION,
     }
 
 
@@ -134,26 +134,12 @@ def precompute_dir(config) -> Path:
     return Path(d).resolve()
 
 
-def read_marker(out: Path) -> dict | None:
-    try:
-        return json.loads((out / MARKER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def precompute(config) -> dict:
     """Run the pass unless a complete one with the same settings exists. Returns the marker."""
-    out = precompute_dir(config)
     settings = precompute_settings(config)
-    marker = read_marker(out)
-    if marker and marker["settings"] == settings:
-        return marker
-    if out.exists():
-        log.info("precompute: %s is incomplete or was made with other settings; redoing it", out)
-        shutil.rmtree(out)
     m, d = config.model, config.data
     vae_dir, sub = (m.vae, None) if m.vae else (m.sdxl, "vae")
-    ds = read_shard_images(config.data.shards).map_batches(
+    return run_pass(precompute_dir(config), settings, lambda: read_shard_images(config.data.shards).map_batches(
         PrecomputeStage,
         fn_constructor_kwargs=dict(vq_path=m.vq, vae_dir=vae_dir, vae_subfolder=sub, encoder_sizes=settings["encoder_sizes"],
                                    resolutions=settings["resolutions"], device="cuda" if d.num_gpus else "cpu"),
@@ -161,24 +147,8 @@ def precompute(config) -> dict:
         compute=ray.data.ActorPoolStrategy(size=d.num_actors),
         num_gpus=d.num_gpus,
         batch_format="numpy",
-    )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp))
-    table = pq.read_table(tmp, columns=["error"])
-    errors = [e for e in table.column("error").to_pylist() if e]
-    marker = {
-        "settings": settings,
-        "images": table.num_rows,
-        "usable": table.num_rows - len(errors),
-        "skipped": len(errors),
-        "skipped_by_reason": {r: errors.count(r) for r in sorted(set(errors))},
-    }
-    (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-    os.replace(tmp, out)
-    return marker
+    ))
 
 
 def read_precomputed(config) -> ray.data.Dataset:
-    # Rows with an `error` stay in: the training workers skip and count them like on-the-fly ones.
-    return ray.data.read_parquet(str(precompute_dir(config)), file_extensions=["parquet"])
+    return read_pass(precompute_dir(config))

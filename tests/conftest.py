@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +111,23 @@ def write_prompts(path: Path, texts: list, column: str = "TEXT", **extra_columns
 
     pq.write_table(pa.table({column: pa.array(texts, pa.string()), **extra_columns}), path)
     return path
+
+
+def cli(*args) -> subprocess.Popen:
+    """`layton ARGS` in its own session (so a test can SIGKILL it together with the Ray it starts)."""
+    return subprocess.Popen([sys.executable, "-m", "layton.cli", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, job_dir: Path) -> None:
+    """Wait until Ray Train has recorded a checkpoint of `job_dir`, then SIGKILL the run's process group.
+
+    Ray lists a checkpoint in its snapshot only once the whole directory is persisted. A run that
+    never checkpoints finishes and exits, which ends the wait as a failure.
+    """
+    snapshot = job_dir / "checkpoint_manager_snapshot.json"
+    while not (snapshot.is_file() and json.loads(snapshot.read_text()).get("latest_checkpoint_result")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()

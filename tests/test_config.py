@@ -83,3 +83,14 @@ def test_tokenizer_config_errors_name_the_field(tmp_path, field, value, message)
     cfg = apply_overrides(yaml.safe_load((ROOT / "workflows" / "tokenizer_demo.yaml").read_text()), {field: value})
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, cfg), TokenizerTrainConfig)
+
+
+def test_gen_configs_validate_and_carry_paper_settings():
+    from layton.config import GenTrainConfig
+
+    load_config(ROOT / "workflows" / "gen_demo.yaml", GenTrainConfig)
+    real = load_config(ROOT / "workflows" / "gen_xl.yaml", GenTrainConfig)
+    assert real.model.gpt.size == "GPT-XL" and real.model.image_size == 256
+    o = real.train.optim
+    assert (o.name, o.lr, o.betas) == ("adamw", 1e-4, (0.9, 0.99))
+    assert real.train.batch_size * real.run.num_workers == 320 and real.train.max_steps == 200_000

@@ -20,12 +20,7 @@ export (or `stage2.init_from`).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from layton.config import TokenizerTrainConfig
-from layton.tokenizer import CONFIG_NAME, LaytonTokenizer, check_tokenizer_models, images_to_tensor, tensor_to_images
+from layton.tokenizer import CONFIG_NAME, LaytonTokenizer, check_tokenizer_models, images_to_tensor
+from workflows.train_common import (EpochBatches, MetricsLog, autocast, build_optimizer, clip_and_step, exported_step,
+                                    check_epoch, fit, report_step, save_grid)
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +43,6 @@ def stage_dir(config: TokenizerTrainConfig, stage: int) -> Path:
 
 def init_from(config: TokenizerTrainConfig) -> Path:
     return Path(config.stage2.init_from) if config.stage2.init_from else stage_dir(config, 1) / "tokenizer"
-
-
-def exported_step(directory: Path) -> int | None:
-    try:
-        return json.loads((directory / "trainer_state.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
 
 
 # --- the loop that runs on every worker ------------------------------------------------------------
@@ -66,14 +56,6 @@ def _build_model(config: TokenizerTrainConfig, stage: int) -> LaytonTokenizer:
         raise ValueError(f"stage2.init_from: {init_from(config)} already has a consistency LoRA fused (a stage-2 export)")
     tok.fuse_consistency(config.stage2.consistency)
     return tok
-
-
-def _optimizer(optim_cfg, params):
-    cls = torch.optim.AdamW if optim_cfg.name == "adamw" else torch.optim.Adam
-    opt = cls(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
-    warmup = optim_cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    return opt, sched
 
 
 @dataclass
@@ -142,27 +124,16 @@ def stage2_loss(model, tok: LaytonTokenizer, lpips, timesteps: list[int], b: Bat
     return lpips(x, b.pixels).mean()
 
 
-def _autocast(device: torch.device, mixed_precision: str):
-    if device.type != "cuda" or mixed_precision == "no":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
-
-
-def _save_grid(tok: LaytonTokenizer, features: torch.Tensor, targets: torch.Tensor, px: int, stage: int, path: Path, writer, step: int):
+def _save_grid(tok: LaytonTokenizer, features: torch.Tensor, targets: torch.Tensor, px: int, stage: int, path: Path,
+               mlog: MetricsLog, step: int):
     """Top row: targets; bottom row: reconstructions (stage 1 by 8 DDIM steps, stage 2 by its consistency steps)."""
-    from torchvision.utils import make_grid
-
     was_training = tok.ladd.training
     tok.ladd.eval()
     with torch.no_grad():
         z = tok.latents(features, px, steps=8 if stage == 1 else None, generator=torch.Generator("cpu").manual_seed(0))
         recon = tok.vae_decode(z).float().clamp(-1, 1)
     tok.ladd.train(was_training)
-    grid = make_grid(torch.cat([targets.cpu(), recon.cpu()]), nrow=targets.shape[0], normalize=True, value_range=(-1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensor_to_images(grid[None] * 2 - 1)[0].save(path)
-    if writer is not None:
-        writer.add_image("reconstruction", grid, step)
+    save_grid(torch.cat([targets.cpu(), recon.cpu()]), targets.shape[0], path, mlog, "reconstruction", step)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -171,7 +142,7 @@ def train_loop(loop_config: dict) -> None:
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file
 
-    from layton.checkpoint_io import load_training_state, save_training_state
+    from layton.checkpoint_io import load_training_state
     from layton.tokenizer import WEIGHTS_NAME
 
     config = TokenizerTrainConfig.model_validate(loop_config["config"])
@@ -191,7 +162,7 @@ def train_loop(loop_config: dict) -> None:
         half = torch.bfloat16 if st.mixed_precision == "bf16" else torch.float16
         for frozen in (tok.ladd.unet, tok.vae, tok.vq):  # frozen weights in half precision; trainable stay float32
             frozen.to(half)
-    opt, lr_sched = _optimizer(st.optim, tok.ladd.trainable_parameters())
+    opt, lr_sched = build_optimizer(st.optim, tok.ladd.trainable_parameters())
 
     step = resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
@@ -212,13 +183,9 @@ def train_loop(loop_config: dict) -> None:
         timesteps = config.stage2.consistency.resolved_timesteps()
 
     out = stage_dir(config, stage)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
+    mlog = MetricsLog(out, rank, f"stage{stage}", resumed_from)
     batches = EpochBatches(ray.train.get_dataset_shard("train"), st.batch_size, config.data, rank)
-    skipped_total, window_loss, window_samples, t_window = 0, [], 0, time.time()
+    skipped_total = 0
     grid_batch = None
     epoch = 0
     while step < st.max_steps:
@@ -237,86 +204,30 @@ def train_loop(loop_config: dict) -> None:
             if grid_batch is None and rank == 0 and b.pixels is not None:
                 k = min(4, b.pixels.shape[0])
                 grid_batch = (b.features[:k], b.pixels[:k], px)
-            with _autocast(device, st.mixed_precision):
+            with autocast(device, st.mixed_precision):
                 if stage == 1:
                     loss = stage1_loss(model, noise_scheduler, b, gen)
                 else:
                     loss = stage2_loss(model, tok, lpips, timesteps, b, px, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            params = tok.ladd.trainable_parameters()
-            max_norm = st.optim.grad_clip or math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            opt.step()
-            lr_sched.step()
+            grad_norm = clip_and_step(opt, lr_sched, tok.ladd.trainable_parameters(), st.optim.grad_clip)
             step += 1
-            window_loss.append(loss.item())
-            window_samples += b.features.shape[0] * world
+            mlog.add(loss.item(), b.features.shape[0] * world)
 
             if rank == 0 and (step % st.image_every == 0 or step == st.max_steps) and grid_batch is not None:
                 feats, targets, gpx = grid_batch
-                _save_grid(tok, feats, targets, gpx, stage, out / "grids" / f"step_{step:07d}.png", writer, step)
+                _save_grid(tok, feats, targets, gpx, stage, out / "grids" / f"step_{step:07d}.png", mlog, step)
             metrics = None
             if step % st.log_every == 0 or step % st.checkpoint_every == 0 or step == st.max_steps:
-                dt = max(time.time() - t_window, 1e-9)
-                metrics = {"step": step, "loss": float(np.mean(window_loss)), "lr": lr_sched.get_last_lr()[0],
-                           "grad_norm": grad_norm, "samples_per_s": window_samples / dt,
-                           "skipped_images": skipped_total, "resolution": px, "encoder_size": enc_size}
-                if writer is not None:
-                    for k in ("loss", "lr", "grad_norm", "samples_per_s", "skipped_images", "resolution"):
-                        writer.add_scalar(f"stage{stage}/{k}", metrics[k], step)
-                    writer.flush()
-                    with open(out / "history.jsonl", "a") as f:  # training curves for reports, one line a log step
-                        f.write(json.dumps({**metrics, "resumed_from": resumed_from, "time": time.time()}) + "\n")
-                window_loss, window_samples, t_window = [], 0, time.time()
-            if step % st.checkpoint_every == 0 or step == st.max_steps:
-                _report_checkpoint(tok, opt, lr_sched, stage, step, rank, metrics)
-            elif metrics is not None:
-                ray.train.report(metrics)
+                metrics = mlog.flush(step, lr=lr_sched.get_last_lr()[0], grad_norm=grad_norm, skipped_images=skipped_total,
+                                     resolution=px, encoder_size=enc_size)
+            report_step(metrics, step % st.checkpoint_every == 0 or step == st.max_steps,
+                        lambda d: tok.save_pretrained(d, stage=stage), opt, lr_sched, {"step": step, "stage": stage}, rank)
             if step >= st.max_steps:
                 break
-        if seen == 0:
-            raise RuntimeError("the training dataset is empty for this worker (fewer samples than workers?)")
-        if step == steps_at_epoch_start:
-            raise RuntimeError(f"a whole epoch of {seen} batch(es) had no usable image ({skipped_total} skipped)")
-    if writer is not None:
-        writer.close()
-
-
-class EpochBatches:
-    """This worker's rows, an epoch at a time: from its Ray Data shard (locally shuffled), or, with
-    `data.cache_in_memory`, from memory after the first epoch (in a new order each epoch)."""
-
-    def __init__(self, data, batch_size: int, data_cfg, rank: int):
-        self.data, self.batch_size, self.cfg, self.rank = data, batch_size, data_cfg, rank
-        self.cache: list[dict] = []
-
-    def epoch(self, n: int):
-        seed = self.cfg.shuffle_seed + 7919 * n + self.rank
-        if self.cache:
-            for i in np.random.default_rng(seed).permutation(len(self.cache)):
-                yield self.cache[i]
-            return
-        for rows in self.data.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=False,
-                                           local_shuffle_buffer_size=8 * self.batch_size, local_shuffle_seed=seed):
-            if self.cfg.cache_in_memory:
-                self.cache.append(rows)
-            yield rows
-
-
-def _report_checkpoint(tok, opt, lr_sched, stage: int, step: int, rank: int, metrics: dict) -> None:
-    """Rank 0 writes a whole tokenizer directory + training state; Ray persists it before recording it."""
-    import ray.train
-
-    from layton.checkpoint_io import save_training_state
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp, stage=stage)
-        save_training_state(Path(tmp), opt, lr_sched, {"step": step, "stage": stage})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        check_epoch(seen, step > steps_at_epoch_start, skipped_total)
+    mlog.close()
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -346,23 +257,12 @@ def check_stage_inputs(config: TokenizerTrainConfig, stage: int) -> None:
         )
 
 
-def export_checkpoint(checkpoint_dir: Path, dest: Path) -> None:
-    """Copy a checkpoint to `dest` atomically (a temp name, then rename); the optimizer is left out."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns("optimizer.safetensors"))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-
-
 def run_tokenizer_stage(config: TokenizerTrainConfig, stage: int) -> StageResult:
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from layton.ray_cluster import init_ray
-    from pipelines.tokenizer_data import precompute, read_precomputed, read_shard_images
+    from pipelines.precompute import read_marker
+    from pipelines.tokenizer_data import precompute, precompute_dir, precompute_settings, read_precomputed, read_shard_images
 
     t0 = time.time()
     st = config.stage(stage)
@@ -371,7 +271,16 @@ def run_tokenizer_stage(config: TokenizerTrainConfig, stage: int) -> StageResult
     out = stage_dir(config, stage)
     export = out / "tokenizer"
     if exported_step(export) == st.max_steps:
-        return StageResult(stage, str(export), st.max_steps, True, {}, None, time.time() - t0)
+        marker = None
+        # LaytonGen reads the precompute pass: keep it current even when training has nothing to do.
+        if config.data.precompute and (read_marker(precompute_dir(config)) or {}).get("settings") != precompute_settings(config):
+            started_here = init_ray(config.ray)
+            try:
+                marker = precompute(config)
+            finally:
+                if started_here:
+                    ray.shutdown()
+        return StageResult(stage, str(export), st.max_steps, True, {}, marker, time.time() - t0)
 
     started_here = init_ray(config.ray)
     marker = None
@@ -381,23 +290,11 @@ def run_tokenizer_stage(config: TokenizerTrainConfig, stage: int) -> StageResult
     else:
         dataset = read_shard_images(config.data.shards)
 
-    run = config.run
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "stage": stage},
-        scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                               resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}),
-        run_config=ray.train.RunConfig(name=out.name, storage_path=str(out.parent)),
-        datasets={"train": dataset},
-    )
     try:
-        result = trainer.fit()
+        result = fit(train_loop, {"config": config.model_dump(mode="json"), "stage": stage}, config.run, out,
+                     {"train": dataset}, export)
     finally:
         if started_here:
             ray.shutdown()
-    if result.checkpoint is None:
-        raise RuntimeError(f"stage {stage} finished without a checkpoint in {out}")
-    with result.checkpoint.as_directory() as d:
-        export_checkpoint(Path(d), export)
     step = exported_step(export)
     return StageResult(stage, str(export), step, False, dict(result.metrics or {}), marker, time.time() - t0)

@@ -10,13 +10,16 @@ import json
 import time
 from pathlib import Path
 
-ZOO_VERSION = 2  # raised whenever a model is added or changed
+ZOO_VERSION = 3  # raised whenever a model is added or changed
 
 
 def write_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Every tiny model, each in its own sub-directory. Returns the paths a config names."""
+    from layton.zoo.flan_t5 import write_tiny_flan_t5
     from layton.zoo.flux import write_tiny_flux
     from layton.zoo.imagereward import write_tiny_imagereward
+    from layton.zoo.llamagen_gpt import write_tiny_llamagen_gpt
+    from layton.zoo.llamagen_vq import TINY as TINY_VQ
     from layton.zoo.llamagen_vq import write_tiny_llamagen_vq
     from layton.zoo.lpips_backbone import write_tiny_lpips_backbone
     from layton.zoo.mps import write_tiny_mps
@@ -35,6 +38,11 @@ def write_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     loras = write_tiny_consistency_loras(out / "consistency", build_tiny_sdxl(seed).unet, seed=seed)
     paths |= {f"lora_{k}": v for k, v in loras.items()}
     paths["lpips_backbone"] = write_tiny_lpips_backbone(out / "lpips", net="alex", seed=seed)
+    # LaytonGen: flan-t5-xl text encoder, LlamaGen t2i GPT over the VQ's codebook.
+    paths["flan_t5"] = write_tiny_flan_t5(out / "flan-t5-xl", seed=seed)
+    t5_dim = json.loads((paths["flan_t5"] / "config.json").read_text())["d_model"]
+    gpt = write_tiny_llamagen_gpt(out / "llamagen_gpt", t5_dim, TINY_VQ["codebook_size"], seed=seed)
+    paths |= {"llamagen_gpt": gpt["release"], "gpt": gpt["gpt"]}
     (out / "ZOO_COMPLETE").write_text(json.dumps({"version": ZOO_VERSION, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     return paths
 

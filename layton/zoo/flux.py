@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from layton.zoo.flan_t5 import tiny_t5_v11_config
 from layton.zoo.text_tokenizers import CLIP_MAX_LENGTH, save_clip_tokenizer_release, train_clip_tokenizer, train_t5_tokenizer
 
 # FLUX.1-dev's scheduler/scheduler_config.json values (dynamic shifting by image sequence length).
@@ -42,7 +43,7 @@ FLUX_DEV_SCHEDULER = dict(
 def build_tiny_flux(seed: int = 0):
     """The tiny FluxPipeline in memory (CPU, float32). Same seed -> identical weights."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
 
     tokenizer = train_clip_tokenizer()
     tokenizer_2 = train_t5_tokenizer()
@@ -67,23 +68,9 @@ def build_tiny_flux(seed: int = 0):
             )
         )
         torch.manual_seed(seed + 1)
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
-                tie_word_embeddings=False,
-                is_encoder_decoder=True,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-                decoder_start_token_id=tokenizer_2.pad_token_id,
-            )
+        text_encoder_2 = T5EncoderModel(  # T5 v1.1, as FLUX's t5-v1_1-xxl
+            tiny_t5_v11_config(tokenizer_2, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                               relative_attention_num_buckets=8, relative_attention_max_distance=32)
         )
         torch.manual_seed(seed + 2)
         transformer = FluxTransformer2DModel(

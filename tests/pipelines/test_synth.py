@@ -215,7 +215,6 @@ def test_stage_metrics_are_exported(ray_local):
         m.latency("score", 0.3, items=4)
         m.scores([0.9, -0.5], [12.5, 3.0])
         m.count("rejected", 1, reason="mps_below_threshold")
-        import time
 
         time.sleep(8)  # stay alive until the metrics agent has pulled the values
 

@@ -23,7 +23,8 @@ def _layton(cwd: Path, *args: str) -> str:
 
 
 def test_demo_commands_end_to_end(tmp_path):
-    """The README's main job in a clean directory: zoo, synthesis, stats, tokenizer training."""
+    """The README's main job in a clean directory: zoo, synthesis, stats, tokenizer and LaytonGen training,
+    batch generation."""
     shutil.copytree(ROOT / "workflows", tmp_path / "workflows")
     _layton(tmp_path, "models", "tiny", "runs/demo/zoo")
     log = _layton(tmp_path, "synth", "workflows/synth_demo.yaml")
@@ -36,6 +37,12 @@ def test_demo_commands_end_to_end(tmp_path):
     export = tmp_path / "runs/demo/train/tokenizer-stage2/tokenizer"
     assert (export / "tokenizer_config.json").is_file() and (export / "ladd.safetensors").is_file()
     assert list((tmp_path / "runs/demo/train/tokenizer-stage2/grids").glob("step_*.png"))
+    log = _layton(tmp_path, "train", "gen", "workflows/gen_demo.yaml")
+    assert "laytongen: step 40" in log and "sample grid" in log
+    log = _layton(tmp_path, "generate", "--prompts", "workflows/data/gen_prompts.txt", "-o", "runs/demo/generate",
+                  "--size", "128")
+    assert "4 generated, 0 failed" in log
+    assert len(list((tmp_path / "runs/demo/generate/images").glob("*.png"))) == 4
 
 
 def test_recaption_first_order(tiny_zoo, ray_local, tmp_path):

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +11,8 @@ from safetensors.torch import load_file
 
 from layton.config import TokenizerTrainConfig
 from layton.model_files import ModelFileError
-from tests.tokenizer.conftest import ROOT, tokenizer_config_dict, write_photo_shards
+from tests.conftest import cli, kill_after_first_checkpoint
+from tests.tokenizer.conftest import tokenizer_config_dict, write_photo_shards
 
 FAST = dict(stage1__max_steps=6, stage1__checkpoint_every=3, stage1__log_every=3, stage1__image_every=6,
             stage1__resolution_schedule=[[0, 64]], stage2__max_steps=2, stage2__checkpoint_every=2,
@@ -66,11 +62,6 @@ def test_both_stages_train_and_export(tiny_zoo, ray_local, tmp_path):
     assert again.skipped and again.step == 2
 
 
-def _cli(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "layton.cli", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
 def test_killed_run_resumes_from_its_checkpoint(tiny_zoo, photo_shards, tmp_path):
     cfg = tokenizer_config_dict(tiny_zoo, photo_shards, tmp_path / "runs", **{
         **FAST, "stage1__max_steps": 12, "stage1__checkpoint_every": 4, "stage1__log_every": 2,
@@ -79,19 +70,12 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_zoo, photo_shards, tmp_path
     path.write_text(yaml.safe_dump(cfg))
     stage_dir = tmp_path / "runs" / "tokenizer-stage1"
 
-    killed = _cli("train", "tokenizer", "--stage", "1", path)
-    snapshot = stage_dir / "checkpoint_manager_snapshot.json"
-    # Ray records a checkpoint in its snapshot only once the whole directory is persisted. A run
-    # that never checkpoints finishes its 12 steps and exits, which ends the wait as a failure.
-    while not (snapshot.is_file() and json.loads(snapshot.read_text()).get("latest_checkpoint_result")):
-        assert killed.poll() is None, killed.stdout.read()
-        time.sleep(0.5)
-    os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    killed.wait()
+    killed = cli("train", "tokenizer", "--stage", "1", path)
+    kill_after_first_checkpoint(killed, stage_dir)
     first = max(h["step"] for h in _history(stage_dir))
     assert first < 12
 
-    resumed = _cli("train", "tokenizer", "--stage", "1", path)
+    resumed = cli("train", "tokenizer", "--stage", "1", path)
     log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, log
     history = _history(stage_dir)

@@ -1,0 +1,151 @@
+"""Batch text -> image generation with LaytonGen as a Ray Data job.
+
+A prompt file (`.txt`: one prompt per line; `.jsonl`: a "prompt" field per line, as GenEval's
+metadata; `.parquet`: a text column) becomes `<out>/images/<id>.png` plus `<out>/metadata.jsonl`,
+one line per prompt: id, prompt, seed, file, sampling settings, unconditional/truncated flags, or an
+error. A prompt's id is its row number (zero-padded) and its seed derives from the id, so a rerun
+skips prompts already in metadata.jsonl and regenerates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from pipelines.prompts import prompt_seed
+
+METADATA = "metadata.jsonl"
+
+
+def read_prompt_file(path: str | Path, column: str = "prompt") -> list[tuple[str, str]]:
+    """(id, prompt) per row; ids are zero-padded row numbers."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file not found: {p}")
+    if p.suffix == ".txt":
+        texts = p.read_text().splitlines()
+    elif p.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            try:
+                texts.append(str(json.loads(line)[column]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{p}:{n}: expected a JSON object with a {column!r} field ({e})") from None
+    elif p.suffix == ".parquet":
+        table = pq.read_table(p)
+        if column not in table.column_names:
+            raise ValueError(f"{p}: no column {column!r} (columns: {table.column_names})")
+        texts = ["" if t is None else str(t) for t in table.column(column).to_pylist()]
+    else:
+        raise ValueError(f"{p}: prompt files are .txt, .jsonl or .parquet")
+    return [(f"{i:05d}", t) for i, t in enumerate(texts)]
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    cfg_scale: float | None = None  # None: the LaytonGen directory's default
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    size: int = 1024
+    decode_steps: int | None = None
+    seed: int = 0
+
+
+class GenerateStage:
+    """Ray Data actor: a LaytonGen pipeline writing one PNG per prompt."""
+
+    def __init__(self, laytongen_dir: str, settings: dict, out_dir: str, device: str = "auto"):
+        from layton.devices import pick_device
+        from layton.laytongen import LaytonGenPipeline
+
+        self.s = GenerateSettings(**settings)
+        self.pipe = LaytonGenPipeline.from_pretrained(laytongen_dir, device=pick_device(device))
+        self.params = self.pipe.default_params(cfg_scale=self.s.cfg_scale, temperature=self.s.temperature,
+                                               top_k=self.s.top_k, top_p=self.s.top_p)
+        self.images = Path(out_dir) / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, batch: dict) -> dict:
+        ids, prompts, seeds = list(batch["id"]), [str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]]
+        rows = []
+        try:
+            results = self.pipe(prompts, seed=seeds, params=self.params, size=self.s.size, steps=self.s.decode_steps)
+        except Exception as e:  # a failed batch is recorded and the job goes on; its prompts can be rerun
+            results = [None] * len(ids)
+            error = f"{type(e).__name__}: {e}"[:500]
+        for pid, prompt, seed, r in zip(ids, prompts, seeds, results):
+            row = {"id": pid, "prompt": prompt, "seed": seed, **{k: v for k, v in asdict(self.params).items()}}
+            if r is None:
+                rows.append({**row, "file": "", "error": error, "unconditional": False, "truncated": False, "text_tokens": 0})
+                continue
+            tmp, dest = self.images / f".{pid}.png.tmp", self.images / f"{pid}.png"
+            r.image.save(tmp, format="PNG")
+            tmp.replace(dest)  # a file under its final name is complete
+            rows.append({**row, "file": f"images/{pid}.png", "error": "", "unconditional": r.unconditional,
+                         "truncated": r.truncated, "text_tokens": r.text_tokens})
+        return {"record": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+
+def done_ids(out_dir: Path) -> set[str]:
+    path = Path(out_dir) / METADATA
+    if not path.is_file():
+        return set()
+    ids = set()
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: that prompt runs again
+            continue
+        if not r.get("error"):
+            ids.add(r["id"])
+    return ids
+
+
+def generate_from_file(laytongen_dir: str, prompt_file: str, out_dir: str, settings: GenerateSettings = GenerateSettings(),
+                       *, column: str = "prompt", num_actors: int = 1, num_gpus: float = 0.0, batch_size: int = 4,
+                       ray_cfg=None, on_record=None) -> dict:
+    """Generate every prompt of `prompt_file` not yet in `out_dir/metadata.jsonl`. Returns counts."""
+    from layton.config import RayConfig
+    from layton.gpt import CONFIG_NAME
+    from layton.laytongen import SPEC_NAME
+    from layton.ray_cluster import init_ray
+
+    t0 = time.time()
+    for name in (SPEC_NAME, CONFIG_NAME):
+        if not (Path(laytongen_dir) / name).is_file():
+            raise FileNotFoundError(f"{laytongen_dir} is not a LaytonGen directory (no {name})")
+    prompts = read_prompt_file(prompt_file, column)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    skip = done_ids(out)
+    todo = [(pid, text) for pid, text in prompts if pid not in skip]
+    counts = {"prompts": len(prompts), "already_done": len(prompts) - len(todo), "generated": 0, "failed": 0}
+    if not todo:
+        return {**counts, "seconds": time.time() - t0}
+    started_here = init_ray(ray_cfg or RayConfig(dashboard=False))
+    try:
+        ds = ray.data.from_items([{"id": pid, "prompt": text, "seed": prompt_seed(pid, settings.seed)} for pid, text in todo])
+        ds = ds.map_batches(GenerateStage, fn_constructor_kwargs=dict(
+            laytongen_dir=str(Path(laytongen_dir).resolve()), settings=asdict(settings), out_dir=str(out),
+            device="cuda" if num_gpus else "cpu"), batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_gpus=num_gpus, batch_format="numpy")
+        with open(out / METADATA, "a") as f:
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                for rec in batch["record"]:
+                    f.write(rec + "\n")
+                    f.flush()
+                    r = json.loads(rec)
+                    counts["failed" if r["error"] else "generated"] += 1
+                    if on_record:
+                        on_record(r)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return {**counts, "seconds": time.time() - t0}
