@@ -23,6 +23,8 @@ demo: install
 	$(BIN)/layton train tokenizer workflows/tokenizer_demo.yaml
 	$(BIN)/layton train gen workflows/gen_demo.yaml
 	$(BIN)/layton generate --prompts workflows/data/gen_prompts.txt -o $(DEMO)/generate --size 128
+	$(BIN)/layton eval recon workflows/eval_recon_demo.yaml
+	$(BIN)/layton eval geneval workflows/eval_geneval_demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

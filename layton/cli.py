@@ -97,6 +97,29 @@ def _train_gen(args) -> None:
         print(f"laytongen: sample grid {grids[-1]}")
 
 
+def _eval_recon(args) -> None:
+    from layton.config import ReconEvalConfig
+    from workflows.eval_recon import run_recon_eval
+
+    body = run_recon_eval(load_config(args.config, ReconEvalConfig))
+    out = Path(body["config"]["output"])
+    print((out / "results.md").read_text())
+    for name, r in body["results"].items():
+        if r["skipped"]:
+            print(f"{name}: skipped {r['skipped']}")
+    print(f"results: {out / 'results.json'} ({body['seconds']:.1f}s)")
+
+
+def _eval_geneval(args) -> None:
+    from layton.config import GenEvalRunConfig
+    from workflows.eval_geneval import run_geneval
+
+    body = run_geneval(load_config(args.config, GenEvalRunConfig))
+    out = Path(body["config"]["output"])
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'} ({body['images']} image(s), {body['seconds']:.1f}s)")
+
+
 DEFAULT_TOKENIZER = "runs/demo/train/tokenizer-stage2/tokenizer"
 DEFAULT_LAYTONGEN = "runs/demo/train/laytongen/laytongen"
 
@@ -226,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-gpus", type=float, default=0.0, help="per actor")
     gen.add_argument("--batch-size", type=int, default=4)
     gen.set_defaults(fn=_generate)
+
+    ev = sub.add_parser("eval", help="evaluation jobs on Ray Data").add_subparsers(dest="what", required=True)
+    er = ev.add_parser("recon", help="rFID / PSNR / SSIM / LPIPS of tokenizers and baselines")
+    er.add_argument("config")
+    er.set_defaults(fn=_eval_recon)
+    eg = ev.add_parser("geneval", help="GenEval: generate (optional) and score in GenEval's layout")
+    eg.add_argument("config")
+    eg.set_defaults(fn=_eval_geneval)
 
     enc = sub.add_parser("encode", help="images -> token ids (.npy, shape (N, h, w))")
     enc.add_argument("images", nargs="+")

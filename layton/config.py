@@ -354,6 +354,70 @@ class GenTrainConfig(Section):
         })
 
 
+# --- Evaluation (Ray Data jobs) ---------------------------------------------------------------------
+
+
+class ImageSet(Section):
+    """Images to evaluate: a folder (recursively), a parquet file/directory with an image-bytes column,
+    or synthesis shards (webdataset tars of complete shards)."""
+
+    path: str
+    kind: Literal["auto", "folder", "parquet", "shards"] = "auto"
+    image_column: str = "image"  # parquet only
+    limit: int | None = Field(None, ge=1)
+
+
+class ReconModelConfig(Section):
+    name: str  # the row name in the results table
+    kind: Literal["layton", "sdxl_vae", "llamagen_vq"]
+    path: str  # a Layton tokenizer directory | an AutoencoderKL directory | a LlamaGen VQ .pt
+    decode_steps: int | None = Field(None, ge=1)  # layton: consistency (1-2) or DDIM steps
+    encoder_size: int = 256  # layton / llamagen_vq: encoder input px (16x16 tokens)
+
+
+class ReconMetricsConfig(Section):
+    inception: str  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+    lpips: LPIPSConfig
+
+
+class ReconEvalConfig(Section):
+    data: ImageSet
+    models: list[ReconModelConfig] = Field(min_length=1)
+    metrics: ReconMetricsConfig
+    size: int = Field(1024, ge=16)  # images are resized to size x size, reconstructed and scored there
+    batch_size: int = Field(4, ge=1)
+    resources: Resources = Resources()
+    output: str  # results.json + results.md
+    ray: RayConfig = RayConfig()
+
+    def with_absolute_paths(self) -> ReconEvalConfig:
+        """Ray workers do not run in the driver's directory: local paths are made absolute."""
+        mc = self.metrics
+        return self.model_copy(update={
+            "data": self.data.model_copy(update={"path": _absolute(self.data.path)}),
+            "models": [m.model_copy(update={"path": _absolute(m.path)}) for m in self.models],
+            "metrics": mc.model_copy(update={"inception": _absolute(mc.inception),
+                                             "lpips": mc.lpips.model_copy(update={"backbone": _absolute(mc.lpips.backbone)})}),
+            "output": _resolved(self.output),
+        })
+
+
+class GenEvalRunConfig(Section):
+    metadata: str  # GenEval's evaluation_metadata.jsonl
+    images: str  # GenEval folder layout: written when `generator` is set, else scored as found
+    generator: str | None = None  # a LaytonGen directory
+    images_per_prompt: int = Field(4, ge=1)
+    limit: int | None = Field(None, ge=1)  # the first N prompts (a quick subset)
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int = 0
+    detector: str  # Mask2Former COCO instance segmentation directory
+    clip: str  # open_clip ViT-L-14 directory (colour classification)
+    batch_size: int = Field(4, ge=1)
+    resources: Resources = Resources()
+    output: str
+    ray: RayConfig = RayConfig()
+
+
 def _resolved(p: str | None) -> str | None:
     """An output path (it may not exist yet) made absolute."""
     return str(Path(p).resolve()) if p is not None else None

@@ -94,3 +94,12 @@ def test_gen_configs_validate_and_carry_paper_settings():
     o = real.train.optim
     assert (o.name, o.lr, o.betas) == ("adamw", 1e-4, (0.9, 0.99))
     assert real.train.batch_size * real.run.num_workers == 320 and real.train.max_steps == 200_000
+
+
+def test_eval_configs_validate():
+    from layton.config import GenEvalRunConfig, ReconEvalConfig
+
+    recon = load_config(ROOT / "workflows" / "eval_recon_demo.yaml", ReconEvalConfig)
+    assert [m.kind for m in recon.models] == ["layton", "sdxl_vae", "llamagen_vq"]
+    for name in ("eval_geneval_demo.yaml", "geneval.yaml"):
+        load_config(ROOT / "workflows" / name, GenEvalRunConfig)

@@ -10,19 +10,23 @@ import json
 import time
 from pathlib import Path
 
-ZOO_VERSION = 3  # raised whenever a model is added or changed
+ZOO_VERSION = 4  # raised whenever a model is added or changed
 
 
 def write_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Every tiny model, each in its own sub-directory. Returns the paths a config names."""
+    from layton.zoo.facescore import write_tiny_facescore
     from layton.zoo.flan_t5 import write_tiny_flan_t5
     from layton.zoo.flux import write_tiny_flux
     from layton.zoo.imagereward import write_tiny_imagereward
+    from layton.zoo.inception import write_tiny_inception
     from layton.zoo.llamagen_gpt import write_tiny_llamagen_gpt
     from layton.zoo.llamagen_vq import TINY as TINY_VQ
     from layton.zoo.llamagen_vq import write_tiny_llamagen_vq
     from layton.zoo.lpips_backbone import write_tiny_lpips_backbone
+    from layton.zoo.mask2former import write_tiny_mask2former
     from layton.zoo.mps import write_tiny_mps
+    from layton.zoo.open_clip_models import write_tiny_hpsv2, write_tiny_open_clip
     from layton.zoo.qwen2vl import write_tiny_qwen2vl
     from layton.zoo.sdxl import build_tiny_sdxl, write_tiny_consistency_loras, write_tiny_sdxl
 
@@ -43,6 +47,12 @@ def write_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     t5_dim = json.loads((paths["flan_t5"] / "config.json").read_text())["d_model"]
     gpt = write_tiny_llamagen_gpt(out / "llamagen_gpt", t5_dim, TINY_VQ["codebook_size"], seed=seed)
     paths |= {"llamagen_gpt": gpt["release"], "gpt": gpt["gpt"]}
+    # Evaluation: GenEval's detector and colour CLIP, HPSv2, FaceScore, FID Inception.
+    paths["mask2former"] = write_tiny_mask2former(out / "mask2former", seed=seed)
+    paths["clip_vit_l_14"] = write_tiny_open_clip(out / "clip-vit-l-14", "vit-l-14", seed=seed)
+    paths["hpsv2"] = write_tiny_hpsv2(out / "hpsv2", seed=seed)
+    paths |= {f"facescore_{k}": v for k, v in write_tiny_facescore(out / "facescore", seed=seed).items()}
+    paths["inception"] = write_tiny_inception(out / "inception", seed=seed)
     (out / "ZOO_COMPLETE").write_text(json.dumps({"version": ZOO_VERSION, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     return paths
 

@@ -43,6 +43,10 @@ def test_demo_commands_end_to_end(tmp_path):
                   "--size", "128")
     assert "4 generated, 0 failed" in log
     assert len(list((tmp_path / "runs/demo/generate/images").glob("*.png"))) == 4
+    log = _layton(tmp_path, "eval", "recon", "workflows/eval_recon_demo.yaml")
+    assert "| Layton (demo) |" in log and "| SDXL-VAE |" in log and "| LlamaGen VQ-16 |" in log
+    log = _layton(tmp_path, "eval", "geneval", "workflows/eval_geneval_demo.yaml")
+    assert "| Single Obj. |" in log and "12 image(s)" in log
 
 
 def test_recaption_first_order(tiny_zoo, ray_local, tmp_path):

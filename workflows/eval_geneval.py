@@ -1,0 +1,160 @@
+"""`layton eval geneval CONFIG`: GenEval as Ray Data jobs — generation (optional) and scoring.
+
+1. With `generator` set, every prompt of the metadata (or the first `limit`) gets `images_per_prompt`
+   LaytonGen samples written in GenEval's layout (`<images>/<index:05d>/metadata.jsonl` +
+   `samples/<k:04d>.png`); a prompt whose folder is complete is not generated again. Seeds derive
+   from (seed, index, k), so a regenerated folder is identical.
+2. Every sample folder under `images` (ours or another model's) is scored by an actor pool holding the
+   Mask2Former detector and the CLIP colour classifier, with GenEval's rules (`layton.geneval`).
+Outputs: `<output>/results.jsonl` (GenEval's per-image rows), `results.json` (per-task accuracies and
+overall) and `results.md` (the paper's table).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from layton.config import GenEvalRunConfig
+
+
+def sample_seed(seed: int, index: int, k: int) -> int:
+    return (seed * 1_000_003 + index * 1009 + k) % 2**31
+
+
+class GenerateSamples:
+    """Ray Data actor: LaytonGen samples for GenEval prompts, written in GenEval's layout."""
+
+    def __init__(self, generator: str, sampling: dict, images_dir: str, n: int, seed: int, device: str = "auto"):
+        from layton.config import SamplingConfig
+        from layton.devices import pick_device
+        from layton.laytongen import LaytonGenPipeline
+
+        s = SamplingConfig.model_validate(sampling)
+        self.pipe = LaytonGenPipeline.from_pretrained(generator, device=pick_device(device))
+        self.params = self.pipe.default_params(cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        self.size, self.steps = s.image_size, s.decode_steps
+        self.images_dir, self.n, self.seed = images_dir, n, seed
+
+    def __call__(self, batch: dict) -> dict:
+        from layton.geneval import GenEvalPrompt, write_sample_dir
+
+        for line in batch["line"]:
+            p = GenEvalPrompt(**json.loads(line))
+            out = self.pipe([p.prompt] * self.n, seed=[sample_seed(self.seed, p.index, k) for k in range(self.n)],
+                            params=self.params, size=self.size, steps=self.steps)
+            write_sample_dir(self.images_dir, p, [g.image for g in out])
+        return {"index": np.array([json.loads(line)["index"] for line in batch["line"]])}
+
+
+class ScoreSamples:
+    """Ray Data actor: detector + colour classifier + GenEval's rules over sample images."""
+
+    def __init__(self, detector: str, clip: str, device: str = "auto"):
+        from layton.detection import Mask2FormerDetector
+        from layton.devices import pick_device
+        from layton.scorers.clip_colour import ClipColourClassifier
+
+        device = pick_device(device)
+        self.detector = Mask2FormerDetector(detector, device=device)
+        self.colour = ClipColourClassifier(clip, device=device)
+
+    def __call__(self, batch: dict) -> dict:
+        from layton.geneval import load_image, result_row
+
+        rows, images, metas, files = [], [], [], []
+        for f, meta in zip(batch["file"], batch["metadata"]):
+            try:
+                images.append(load_image(f))
+                metas.append(json.loads(meta))
+                files.append(str(f))
+            except OSError as e:  # an unreadable sample counts as incorrect, with its reason
+                m = json.loads(meta)
+                rows.append({"filename": str(f), "tag": m["tag"], "prompt": m.get("prompt", ""), "correct": False,
+                             "reason": f"unreadable image: {type(e).__name__}", "metadata": json.dumps(m)})
+        if images:
+            for f, meta, img, dets in zip(files, metas, images, self.detector.detect(images)):
+                rows.append(result_row(f, meta, dets, img, self.colour))
+        return {"row": np.array([json.dumps(r, default=str) for r in rows], dtype=object)}
+
+
+def check_geneval_inputs(config: GenEvalRunConfig):
+    """Metadata, detector, CLIP and generator checked before Ray starts (errors name the field/line)."""
+    from layton.geneval import read_metadata
+    from layton.laytongen import SPEC_NAME
+    from layton.model_files import check_model_dir
+
+    prompts = read_metadata(config.metadata)[: config.limit]
+    check_model_dir(config.detector, "detector")
+    check_model_dir(config.clip, "clip", marker="open_clip_config.json")
+    if config.generator is not None and not (Path(config.generator) / SPEC_NAME).is_file():
+        raise FileNotFoundError(f"generator: {config.generator} is not a LaytonGen directory (no {SPEC_NAME})")
+    if config.generator is None and not Path(config.images).is_dir():
+        raise FileNotFoundError(f"images: {config.images} does not exist (and no generator is set to write it)")
+    return prompts
+
+
+def _complete(images_dir: Path, index: int, n: int) -> bool:
+    from layton.geneval import sample_dir
+
+    d = sample_dir(images_dir, index)
+    return (d / "metadata.jsonl").is_file() and len(list((d / "samples").glob("*.png"))) >= n
+
+
+def run_geneval(config: GenEvalRunConfig) -> dict:
+    import dataclasses
+
+    import ray
+
+    from layton.geneval import markdown_table, read_sample_dirs, summarize
+    from layton.ray_cluster import init_ray
+
+    t0 = time.time()
+    prompts = check_geneval_inputs(config)
+    res = config.resources
+    device = "cuda" if res.num_gpus else "cpu"
+    images_dir = Path(config.images).resolve()
+    out = Path(config.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started_here = init_ray(config.ray)
+    try:
+        generated = 0
+        if config.generator:
+            todo = [p for p in prompts if not _complete(images_dir, p.index, config.images_per_prompt)]
+            if todo:
+                items = [{"line": json.dumps(dataclasses.asdict(p))} for p in todo]
+                ds = ray.data.from_items(items).map_batches(
+                    GenerateSamples, fn_constructor_kwargs=dict(
+                        generator=str(Path(config.generator).resolve()), sampling=config.sampling.model_dump(mode="json"),
+                        images_dir=str(images_dir), n=config.images_per_prompt, seed=config.seed, device=device),
+                    batch_size=1, compute=ray.data.ActorPoolStrategy(size=res.num_actors), num_gpus=res.num_gpus,
+                    num_cpus=res.num_cpus, batch_format="numpy")
+                generated = sum(len(b["index"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+        wanted = {p.index for p in prompts} if config.generator else None
+        items = [{"file": str(f), "metadata": json.dumps(meta)} for meta, paths in read_sample_dirs(images_dir)
+                 for f in paths if wanted is None or int(f.parent.parent.name) in wanted]
+        if not items:
+            raise FileNotFoundError(f"images: {images_dir} holds no GenEval samples")
+        ds = ray.data.from_items(items).map_batches(
+            ScoreSamples, fn_constructor_kwargs=dict(detector=str(Path(config.detector).resolve()),
+                                                     clip=str(Path(config.clip).resolve()), device=device),
+            batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=res.num_actors), num_gpus=res.num_gpus,
+            num_cpus=res.num_cpus, batch_format="numpy")
+        rows = [json.loads(r) for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in b["row"]]
+    finally:
+        if started_here:
+            ray.shutdown()
+    rows.sort(key=lambda r: r["filename"])
+    with open(out / "results.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    summary = summarize(rows)
+    name = Path(config.generator).name if config.generator else images_dir.name
+    body = {"task": "geneval", "summary": summary, "images": len(rows), "generated_prompts": generated,
+            "config": {**config.model_dump(mode="json"), "output": str(out)}, "seconds": time.time() - t0}
+    (out / "results.json").write_text(json.dumps(body, indent=1, default=str))
+    (out / "results.md").write_text(markdown_table(summary, name) + "\n")
+    return body

@@ -1,0 +1,202 @@
+"""`layton eval recon CONFIG`: reconstruction metrics (rFID, PSNR, SSIM, LPIPS) as a Ray Data job.
+
+For every configured model (a Layton tokenizer, or a baseline: the SDXL VAE, the LlamaGen VQ), the
+image set is read as a Ray Dataset, an actor pool reconstructs and scores it at `size`², and the
+driver folds the per-batch results into one `ReconMetricState` in constant memory (exact sums for
+PSNR/SSIM/LPIPS, float64 feature moments for rFID), so 1 and N actors give the same numbers.
+
+Reconstruction rules: every image is resized (short side) and centre-cropped to `size`² first; the
+Layton tokenizer encodes at its encoder size (256 px -> 16x16 tokens) and decodes at `size` with a
+per-image seed; the SDXL VAE round-trips at `size` (posterior mean); the LlamaGen VQ reconstructs at
+its encoder size and is upsampled (bicubic) to `size` — the VQ's own decoder cannot do better.
+Outputs: `<output>/results.json`, `<output>/results.md` (the paper's table) and a grid per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layton.config import ReconEvalConfig
+
+GRID_IMAGES = 4
+
+
+def _seed(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+class ReconStage:
+    """Ray Data actor: reconstruct a batch with one model and score it (per-batch metric state)."""
+
+    def __init__(self, model: dict, metrics: dict, size: int, device: str = "auto"):
+        from layton.config import ReconMetricsConfig, ReconModelConfig
+        from layton.devices import pick_device
+        from layton.fid import load_fid_inception
+        from layton.perceptual import build_lpips
+
+        self.m, self.size = ReconModelConfig.model_validate(model), size
+        metrics = ReconMetricsConfig.model_validate(metrics)
+        self.device = pick_device(device)
+        self.inception = load_fid_inception(metrics.inception, self.device)
+        self.lpips = build_lpips(metrics.lpips.net, metrics.lpips.backbone).to(self.device)
+        self.model = _load_reconstructor(self.m, self.device)
+
+    @torch.no_grad()
+    def reconstruct(self, images, keys) -> torch.Tensor:
+        """PIL images -> (B, 3, size, size) reconstructions in [-1, 1]."""
+        from layton.tokenizer import images_to_tensor, vae_decode, vae_encode
+
+        kind, size = self.m.kind, self.size
+        if kind == "layton":
+            out = [self.model.decode_tensor(self.model.encode([im], encoder_size=self.m.encoder_size), size=size,
+                                            steps=self.m.decode_steps, seed=_seed(k)) for im, k in zip(images, keys)]
+            return torch.cat(out).float()
+        if kind == "sdxl_vae":
+            x = images_to_tensor(images, size).to(self.device, self.model.dtype)
+            return vae_decode(self.model, vae_encode(self.model, x)).float().clamp(-1, 1)
+        x = images_to_tensor(images, self.m.encoder_size).to(self.device)
+        recon = self.model.decode_codes(self.model.encode_codes(x)).float()
+        return torch.nn.functional.interpolate(recon, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        from layton.recon_metrics import ReconMetricState, to_uint8_rgb
+        from pipelines.tokenizer_data import decode_image
+
+        state = ReconMetricState()
+        keys, images = [], []
+        for key, data in zip(batch["key"], batch["image"]):
+            img, err = decode_image(data)
+            if img is None:
+                state.skip(err)
+            else:
+                keys.append(str(key))
+                images.append(img)
+        n = len(images)
+        real_feats = recon_feats = np.zeros((0, 2048), np.float32)
+        grid = np.array([b""] * 1, dtype=object)
+        if images:
+            real = np.stack([to_uint8_rgb(im, self.size) for im in images])
+            x_recon = self.reconstruct(images, keys)
+            recon = ((x_recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            x_real = torch.from_numpy(real).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
+            lp = self.lpips(x_real, x_recon.to(self.device)).flatten().cpu()
+            real_feats, recon_feats = self.inception.features(real), self.inception.features(recon)
+            state.update(real, recon, lp)
+            grid = np.array([np.concatenate([real[:GRID_IMAGES], recon[:GRID_IMAGES]]).tobytes()], dtype=object)
+        return {"state": np.array([json.dumps(state.to_dict())], dtype=object),
+                "keys": np.array([json.dumps(keys)], dtype=object),
+                "real_feats": np.array([real_feats.astype(np.float32).tobytes()], dtype=object),
+                "recon_feats": np.array([recon_feats.astype(np.float32).tobytes()], dtype=object),
+                "grid": grid, "n": np.array([n])}
+
+
+def _load_reconstructor(m, device):
+    if m.kind == "layton":
+        from layton.tokenizer import LaytonTokenizer
+
+        return LaytonTokenizer.from_pretrained(m.path).to(device)
+    if m.kind == "sdxl_vae":
+        from diffusers import AutoencoderKL
+
+        sub = "vae" if (Path(m.path) / "vae" / "config.json").is_file() else None
+        return AutoencoderKL.from_pretrained(m.path, subfolder=sub).to(device).eval()
+    from layton.vq import load_llamagen_vq
+
+    return load_llamagen_vq(m.path).to(device)
+
+
+def check_recon_inputs(config: ReconEvalConfig) -> None:
+    """Every path the job reads, checked before Ray starts; errors name the field."""
+    from layton.model_files import check_file, check_model_dir
+    from layton.tokenizer import CONFIG_NAME
+    from pipelines.eval_data import check_image_set
+
+    check_image_set(config.data)
+    check_file(config.metrics.inception, "metrics.inception")
+    check_file(config.metrics.lpips.backbone, "metrics.lpips.backbone")
+    for i, m in enumerate(config.models):
+        where = f"models[{i}].path ({m.name})"
+        if m.kind == "layton":
+            check_file(Path(m.path) / CONFIG_NAME, where)
+        elif m.kind == "sdxl_vae":
+            check_model_dir(Path(m.path) / "vae" if (Path(m.path) / "vae").is_dir() else m.path, where)
+        else:
+            check_file(m.path, where)
+
+
+def markdown_table(results: dict[str, dict], size: int) -> str:
+    lines = [f"Reconstruction at {size}x{size}", "", "| Method | rFID ↓ | PSNR ↑ | SSIM ↑ | LPIPS ↓ | images |",
+             "|---|---|---|---|---|---|"]
+
+    def f(v, nd):
+        return "–" if v is None else f"{v:.{nd}f}"
+
+    for name, r in results.items():
+        lines.append(f"| {name} | {f(r['rfid'], 2)} | {f(r['psnr'], 2)} | {f(r['ssim'], 4)} | {f(r['lpips'], 4)} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_model(config: ReconEvalConfig, model, out: Path) -> dict:
+    import ray
+
+    from layton.fid import FeatureStats
+    from layton.recon_metrics import ReconMetricState
+    from pipelines.eval_data import read_image_set
+
+    r = config.resources
+    ds = read_image_set(config.data).map_batches(
+        ReconStage, fn_constructor_kwargs=dict(model=model.model_dump(mode="json"),
+                                               metrics=config.metrics.model_dump(mode="json"), size=config.size,
+                                               device="cuda" if r.num_gpus else "cpu"),
+        batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=r.num_actors), num_gpus=r.num_gpus,
+        num_cpus=r.num_cpus, batch_format="numpy")
+    total = ReconMetricState(real=FeatureStats.empty(), recon=FeatureStats.empty())
+    grid = None
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for state, rf, cf, g, n in zip(batch["state"], batch["real_feats"], batch["recon_feats"], batch["grid"], batch["n"]):
+            total = total.merge(ReconMetricState.from_dict(json.loads(state)))
+            total.real.update(np.frombuffer(rf, np.float32).reshape(int(n), -1))
+            total.recon.update(np.frombuffer(cf, np.float32).reshape(int(n), -1))
+            if grid is None and g:
+                grid = np.frombuffer(g, np.uint8).reshape(-1, config.size, config.size, 3)
+    if grid is not None:
+        from PIL import Image
+
+        k = len(grid) // 2  # top row: originals; bottom row: reconstructions
+        rows = [np.concatenate(list(grid[:k]), axis=1), np.concatenate(list(grid[k:]), axis=1)]
+        Image.fromarray(np.concatenate(rows, axis=0)).save(out / f"grid_{_slug(model.name)}.png")
+    return total.result()
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def run_recon_eval(config: ReconEvalConfig) -> dict:
+    from layton.ray_cluster import init_ray
+
+    t0 = time.time()
+    check_recon_inputs(config)
+    config = config.with_absolute_paths()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    started_here = init_ray(config.ray)
+    try:
+        results = {m.name: evaluate_model(config, m, out) for m in config.models}
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()
+    body = {"task": "reconstruction", "size": config.size, "data": config.data.path, "results": results,
+            "config": config.model_dump(mode="json"), "seconds": time.time() - t0}
+    (out / "results.json").write_text(json.dumps(body, indent=1))
+    (out / "results.md").write_text(markdown_table(results, config.size))
+    return body
