@@ -17,23 +17,26 @@ Printed ratios: cache / recompute (a) and batch / two_pass (b), both in tokens/s
 Default size (CPU): dim 512, 8 layers, 8 heads, vocab 16384, caption_dim 2048 -- 45.4M parameters
 (16.8M of them in the token embedding and logits head). Measured on this machine, one decode step
 of an 8-layer model carries about 10 ms of per-step Python and dispatch overhead (a dim-64 model
-takes ~6 ms a step for 4 layers); at dim 512 x 8 layers a 2-row step takes ~35-40 ms, so compute
+takes ~6 ms a step with 4 layers); at dim 512 x 8 layers a 2-row step takes ~35-40 ms, so compute
 (mostly reading the weights) dominates, while GPT-B (12 x 768) would put a cached 256-token run
-near a minute and make the whole benchmark far longer than five minutes. Full recompute at this
-size costs ~0.4 s per step at B=1 (2 rows x 120-375 positions), i.e. several minutes per
-256-token run, so by default it is timed on the first 8 tokens and extrapolated to 256 (see
-`--recompute-tokens`; `auto` measures the whole run when a short probe predicts under 60 s, as on
-a GPU). The extrapolation assumes each recompute step costs time in proportion to its sequence
-length 120 + j: the per-token layers and logits head dominate; fixed per-step costs (dispatch,
-top-k, sampling: a few percent of a step here) make it overestimate, attention's quadratic term
-(under 2 % of the work at 375 positions here) underestimate. The output says when it was used.
+near a minute and the whole benchmark far beyond five minutes. Full recompute at this size costs
+0.36 s (120 positions) to 1.0 s (375 positions) per step at B=1, about 220 s per 256-token run
+and four times that at B=4, so by default (`--recompute-tokens auto`) it is timed on the first
+8 tokens and extrapolated to 256; `auto` measures the whole run when a cold 4-token probe
+predicts under 60 s (as on a GPU), and `--recompute-tokens 0` always does. The extrapolation
+takes each recompute step's time as proportional to its sequence length 120 + j. Measured here,
+a 2-row forward costs 3.0 ms per position at 120 positions and 2.7 ms at 248 and 375 (fixed
+per-forward costs; attention's quadratic term is under 2 % of the work), so the extrapolated
+recompute time, and the cache / recompute ratio, are about 8 % too high. The output marks every
+extrapolated figure.
 
 A small seeded case (tiny model, float32, both CFG modes) first checks that the cache and full
 recompute give identical tokens, and CFG batch and two_pass too.
 
-The figures in the README come from a shared 2-core machine where other jobs run: two torch threads
-slow down badly when a third process takes a core (each op waits for the descheduled thread), so
-the output says how many cores other processes kept busy meanwhile. Timings are printed, never
+The numbers quoted above were measured on a shared 2-core machine where other jobs run: two torch
+threads slow down badly (up to 10x) when another process takes a core (each op waits for the
+descheduled thread), so the output says how many cores other processes kept busy meanwhile. A
+default run takes about 5.5 minutes there when the machine is quiet. Timings are printed, never
 asserted.
 
     .venv/bin/python benchmarks/gen_sampling.py [--batch-sizes 1 4] [--reps 3] [--recompute-tokens auto|N]
@@ -182,9 +185,15 @@ def print_batch(r: dict, args) -> None:
         measured_tps = b * r["n_rec"] / r["med"][RECOMP]
         print(f"* EXTRAPOLATED: full recompute timed on the first {r['n_rec']} tokens only "
               f"({measured_tps:.2f} tokens/s over those), scaled by the positions a {n}-token run processes, "
-              f"x{r['scale']:.1f} (step j costs ~ 120 + j); a probe predicted {r['est']:.0f} s for a whole run")
+              f"x{r['scale']:.1f} (step j costs ~ 120 + j)"
+              + ("; on the 2-core CPU this was written on that overstates the time (by ~8 % for 256 tokens; the cost per position "
+                 "is ~10 % higher at 120 positions than at 248-375; see the module docstring)" if args.device == "cpu"
+                 else ""))
     else:
-        print(f"full recompute measured over all {n} tokens (a probe predicted {r['est']:.1f} s a run)")
+        print(f"full recompute measured over all {n} tokens")
+    if args.recompute_tokens == "auto":
+        print(f"('auto': a cold {min(4, n)}-token warm-up run predicted {r['est']:.0f} s for a whole recompute run, "
+              f"{'over' if r['n_rec'] < n else 'within'} the {args.full_under:g} s limit)")
     # Ratios of the medians; and per repetition (runs next to each other share the machine's mood).
     pair_a = [r["scale"] * rec / c for c, rec in zip(r["runs"][CACHE], r["runs"][RECOMP])]
     pair_b = [two / c for c, two in zip(r["runs"][CACHE], r["runs"][TWO])]

@@ -286,5 +286,5 @@ def test_mask_hides_the_background(colour, images):
     # what it sees outside the mask is GenEval's gray
     crop = np.asarray(colour_crop(image, Det("person", box, np.zeros_like(mask))))
     assert crop.shape == (270, 240, 3) and (crop == 153).all()
-    with pytest.raises(ValueError, match="mask shape"):
+    with pytest.raises(ValueError, match="mask of shape"):
         colour(image, Det("person", box, mask[:-1]), GENEVAL_COLORS)
