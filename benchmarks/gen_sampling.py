@@ -186,22 +186,23 @@ def print_batch(r: dict, args) -> None:
         print(f"* EXTRAPOLATED: full recompute timed on the first {r['n_rec']} tokens only "
               f"({measured_tps:.2f} tokens/s over those), scaled by the positions a {n}-token run processes, "
               f"x{r['scale']:.1f} (step j costs ~ 120 + j)"
-              + ("; on the 2-core CPU this was written on that overstates the time (by ~8 % for 256 tokens; the cost per position "
-                 "is ~10 % higher at 120 positions than at 248-375; see the module docstring)" if args.device == "cpu"
-                 else ""))
+              + ("; on the 2-core CPU this was written on that overstates the time (by ~8 % for 256 tokens; "
+                 "the cost per position is ~10 % higher at 120 positions than at 248-375; see the module docstring)"
+                 if args.device == "cpu" else ""))
     else:
         print(f"full recompute measured over all {n} tokens")
     if args.recompute_tokens == "auto":
         print(f"('auto': a cold {min(4, n)}-token warm-up run predicted {r['est']:.0f} s for a whole recompute run, "
               f"{'over' if r['n_rec'] < n else 'within'} the {args.full_under:g} s limit)")
-    # Ratios of the medians; and per repetition (runs next to each other share the machine's mood).
+    # Ratios of the medians; and per repetition, whose median resists a slow spell better (runs next to
+    # each other share the machine's load).
     pair_a = [r["scale"] * rec / c for c, rec in zip(r["runs"][CACHE], r["runs"][RECOMP])]
     pair_b = [two / c for c, two in zip(r["runs"][CACHE], r["runs"][TWO])]
     print(f"(a) cache / recompute   {r['tps'][CACHE] / r['tps'][RECOMP]:7.2f}x tokens/s"
           + (" (recompute extrapolated)" if r["n_rec"] < n else "")
-          + "; per repetition " + ", ".join(f"{x:.2f}" for x in pair_a))
+          + "; per repetition " + ", ".join(f"{x:.2f}" for x in pair_a) + f" (median {statistics.median(pair_a):.2f})")
     print(f"(b) batch / two_pass    {r['tps'][CACHE] / r['tps'][TWO]:7.2f}x tokens/s (both with the KV cache)"
-          + "; per repetition " + ", ".join(f"{x:.2f}" for x in pair_b))
+          + "; per repetition " + ", ".join(f"{x:.2f}" for x in pair_b) + f" (median {statistics.median(pair_b):.2f})")
     print(f"({r['load']})")
 
 
