@@ -198,10 +198,10 @@ def print_batch(r: dict, args) -> None:
     # each other share the machine's load).
     pair_a = [r["scale"] * rec / c for c, rec in zip(r["runs"][CACHE], r["runs"][RECOMP])]
     pair_b = [two / c for c, two in zip(r["runs"][CACHE], r["runs"][TWO])]
-    print(f"(a) cache / recompute   {r['tps'][CACHE] / r['tps'][RECOMP]:7.2f}x tokens/s"
+    print(f"(a) cache / recompute   {r['tps'][CACHE] / r['tps'][RECOMP]:7.2f}x tokens/s, medians"
           + (" (recompute extrapolated)" if r["n_rec"] < n else "")
           + "; per repetition " + ", ".join(f"{x:.2f}" for x in pair_a) + f" (median {statistics.median(pair_a):.2f})")
-    print(f"(b) batch / two_pass    {r['tps'][CACHE] / r['tps'][TWO]:7.2f}x tokens/s (both with the KV cache)"
+    print(f"(b) batch / two_pass    {r['tps'][CACHE] / r['tps'][TWO]:7.2f}x tokens/s, medians (both with the KV cache)"
           + "; per repetition " + ", ".join(f"{x:.2f}" for x in pair_b) + f" (median {statistics.median(pair_b):.2f})")
     print(f"({r['load']})")
 
