@@ -105,11 +105,12 @@ def check_synth_models(config) -> None:
     check_model_dir(config.recaption.model, "recaption.model")
 
 
-def load_torch_state_dict(path: str | Path, what: str, map_location="cpu") -> dict[str, torch.Tensor]:
+def load_torch_state_dict(path: str | Path, what: str, map_location="cpu", mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of an upstream `.pt` release, read with `weights_only=True` (no pickled code runs).
 
     Accepts `{"model": sd}` (LlamaGen), `{"module": sd}` (DeepSpeed), `{"state_dict": sd}` or a bare
     state dict; `module.` / `_orig_mod.` prefixes left by DDP and torch.compile are removed.
+    `mmap=True` reads tensors lazily (for a look at shapes without reading the whole file).
     """
     path = Path(path)
     if not path.is_file():
@@ -117,7 +118,7 @@ def load_torch_state_dict(path: str | Path, what: str, map_location="cpu") -> di
     try:
         # LlamaGen's training scripts also pickle their argparse.Namespace ("args"): plain data, allowed.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[-1][:300]
         raise ValueError(f"{path}: refusing to unpickle a checkpoint that holds more than tensors ({reason})") from err

@@ -46,6 +46,7 @@ class ReconStage:
         self.inception = load_fid_inception(metrics.inception, self.device)
         self.lpips = build_lpips(metrics.lpips.net, metrics.lpips.backbone).to(self.device)
         self.model = _load_reconstructor(self.m, self.device)
+        self.grid_sent = False  # the driver shows one grid: each actor ships its first, not one per batch
 
     @torch.no_grad()
     def reconstruct(self, images, keys) -> torch.Tensor:
@@ -89,7 +90,9 @@ class ReconStage:
             lp = self.lpips(x_real, x_recon.to(self.device)).flatten().cpu()
             real_feats, recon_feats = self.inception.features(real), self.inception.features(recon)
             state.update(real, recon, lp)
-            grid = np.array([np.concatenate([real[:GRID_IMAGES], recon[:GRID_IMAGES]]).tobytes()], dtype=object)
+            if not self.grid_sent:
+                grid = np.array([np.concatenate([real[:GRID_IMAGES], recon[:GRID_IMAGES]]).tobytes()], dtype=object)
+                self.grid_sent = True
         return {"state": np.array([json.dumps(state.to_dict())], dtype=object),
                 "keys": np.array([json.dumps(keys)], dtype=object),
                 "real_feats": np.array([real_feats.astype(np.float32).tobytes()], dtype=object),

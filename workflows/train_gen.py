@@ -223,7 +223,7 @@ def check_gen_inputs(config: GenTrainConfig) -> tuple[int, int]:
     if not tok_cfg.is_file():
         raise FileNotFoundError(f"model.tokenizer: {m.tokenizer} is not a Layton tokenizer directory (no {TOKENIZER_CONFIG})")
     vq = json.loads(tok_cfg.read_text())["vq"]
-    vocab = load_torch_state_dict(vq, "LlamaGen VQ")["quantize.embedding.weight"].shape[0]
+    vocab = load_torch_state_dict(vq, "LlamaGen VQ", mmap=True)["quantize.embedding.weight"].shape[0]  # shape only
     if m.init_from and not Path(m.init_from).exists():
         raise FileNotFoundError(f"model.init_from: {m.init_from} does not exist")
     marker = check_token_pass(config)
