@@ -418,6 +418,60 @@ class GenEvalRunConfig(Section):
     ray: RayConfig = RayConfig()
 
 
+class HPSv2Paths(Section):
+    checkpoint: str  # HPS_v2_compressed.pt ({"state_dict": ...})
+    architecture: str = "ViT-H-14"  # an open_clip model name or an open_clip_config.json
+
+
+class FaceScorePaths(Section):
+    checkpoint: str  # FS_model.pt
+    med_config: str  # med_config.json
+    tokenizer: str  # bert-base-uncased tokenizer directory
+
+
+class PreferenceScorers(Section):
+    """The COCO-5K columns; a scorer left out is not computed (at least one is needed)."""
+
+    imagereward: ImageRewardPaths | None = None
+    mps: MPSPaths | None = None
+    hpsv2: HPSv2Paths | None = None
+    facescore: FaceScorePaths | None = None
+    dtype: Dtype = "float32"
+
+    @model_validator(mode="after")
+    def _any(self):
+        if not self.names():
+            raise ValueError("configure at least one of imagereward, mps, hpsv2, facescore")
+        return self
+
+    def names(self) -> list[str]:
+        return [n for n in ("imagereward", "mps", "hpsv2", "facescore") if getattr(self, n) is not None]
+
+
+class CocoEvalConfig(Section):
+    captions: str  # COCO's captions_val2017.json (first caption of each image) or a .txt/.jsonl/.parquet prompt file
+    limit: int | None = Field(None, ge=1)  # the first N captions (by image id)
+    images: str  # `<images>/images/<id>.png` + metadata.jsonl when `generator` is set; else scored as found
+    generator: str | None = None  # a LaytonGen directory
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int = 0
+    scorers: PreferenceScorers
+    batch_size: int = Field(8, ge=1)
+    resources: Resources = Resources()  # per actor, for generation and scoring alike
+    output: str
+    ray: RayConfig = RayConfig()
+
+    def with_absolute_paths(self) -> CocoEvalConfig:
+        """Ray workers do not run in the driver's directory: local paths are made absolute."""
+        sc = self.scorers
+        scorers = {n: getattr(sc, n).model_copy(update={k: _absolute(v) for k, v in getattr(sc, n).model_dump().items()})
+                   for n in sc.names()}
+        return self.model_copy(update={
+            "captions": _absolute(self.captions), "images": _resolved(self.images), "generator": _absolute(self.generator),
+            "scorers": sc.model_copy(update=scorers), "output": _resolved(self.output),
+        })
+
+
 def _resolved(p: str | None) -> str | None:
     """An output path (it may not exist yet) made absolute."""
     return str(Path(p).resolve()) if p is not None else None

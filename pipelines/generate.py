@@ -108,20 +108,30 @@ def done_ids(out_dir: Path) -> set[str]:
     return ids
 
 
-def generate_from_file(laytongen_dir: str, prompt_file: str, out_dir: str, settings: GenerateSettings = GenerateSettings(),
-                       *, column: str = "prompt", num_actors: int = 1, num_gpus: float = 0.0, batch_size: int = 4,
-                       ray_cfg=None, on_record=None) -> dict:
-    """Generate every prompt of `prompt_file` not yet in `out_dir/metadata.jsonl`. Returns counts."""
-    from layton.config import RayConfig
+def check_laytongen_dir(laytongen_dir: str, what: str = "generator") -> None:
     from layton.gpt import CONFIG_NAME
     from layton.laytongen import SPEC_NAME
+
+    for name in (SPEC_NAME, CONFIG_NAME):
+        if not (Path(laytongen_dir) / name).is_file():
+            raise FileNotFoundError(f"{what}: {laytongen_dir} is not a LaytonGen directory (no {name})")
+
+
+def generate_from_file(laytongen_dir: str, prompt_file: str, out_dir: str, settings: GenerateSettings = GenerateSettings(),
+                       *, column: str = "prompt", **kwargs) -> dict:
+    """Generate every prompt of `prompt_file` not yet in `out_dir/metadata.jsonl`. Returns counts."""
+    return generate_prompts(laytongen_dir, read_prompt_file(prompt_file, column), out_dir, settings, **kwargs)
+
+
+def generate_prompts(laytongen_dir: str, prompts: list[tuple[str, str]], out_dir: str,
+                     settings: GenerateSettings = GenerateSettings(), *, num_actors: int = 1, num_gpus: float = 0.0,
+                     num_cpus: float = 1.0, batch_size: int = 4, ray_cfg=None, on_record=None) -> dict:
+    """Generate every (id, prompt) not yet in `out_dir/metadata.jsonl`. Returns counts."""
+    from layton.config import RayConfig
     from layton.ray_cluster import init_ray
 
     t0 = time.time()
-    for name in (SPEC_NAME, CONFIG_NAME):
-        if not (Path(laytongen_dir) / name).is_file():
-            raise FileNotFoundError(f"{laytongen_dir} is not a LaytonGen directory (no {name})")
-    prompts = read_prompt_file(prompt_file, column)
+    check_laytongen_dir(laytongen_dir, "laytongen")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     skip = done_ids(out)
@@ -135,7 +145,7 @@ def generate_from_file(laytongen_dir: str, prompt_file: str, out_dir: str, setti
         ds = ds.map_batches(GenerateStage, fn_constructor_kwargs=dict(
             laytongen_dir=str(Path(laytongen_dir).resolve()), settings=asdict(settings), out_dir=str(out),
             device="cuda" if num_gpus else "cpu"), batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=num_gpus, batch_format="numpy")
+            num_gpus=num_gpus, num_cpus=num_cpus, batch_format="numpy")
         with open(out / METADATA, "a") as f:
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                 for rec in batch["record"]:

@@ -84,14 +84,14 @@ class ScoreSamples:
 def check_geneval_inputs(config: GenEvalRunConfig):
     """Metadata, detector, CLIP and generator checked before Ray starts (errors name the field/line)."""
     from layton.geneval import read_metadata
-    from layton.laytongen import SPEC_NAME
     from layton.model_files import check_model_dir
+    from pipelines.generate import check_laytongen_dir
 
     prompts = read_metadata(config.metadata)[: config.limit]
     check_model_dir(config.detector, "detector")
     check_model_dir(config.clip, "clip", marker="open_clip_config.json")
-    if config.generator is not None and not (Path(config.generator) / SPEC_NAME).is_file():
-        raise FileNotFoundError(f"generator: {config.generator} is not a LaytonGen directory (no {SPEC_NAME})")
+    if config.generator is not None:
+        check_laytongen_dir(config.generator)
     if config.generator is None and not Path(config.images).is_dir():
         raise FileNotFoundError(f"images: {config.images} does not exist (and no generator is set to write it)")
     return prompts

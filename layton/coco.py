@@ -1,0 +1,97 @@
+"""COCO-5K preference scores: captions in, images matched to them, per-metric means out.
+
+The paper's COCO-5K column set is generated from the 5,000 images of COCO-2017 val: one caption per
+image, the first of its annotations (lowest annotation id), so the set is fixed by the file alone.
+An image set made elsewhere is matched to captions by file stem: `<id>.png`, or a number equal to
+the image id (`397133.jpg` and `000000397133.jpg` both match image 397133).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+METRICS = {"imagereward": "ImageReward", "mps": "MPS", "hpsv2": "HPSv2", "facescore": "FaceScore"}
+
+
+def read_coco_captions(path: str | Path) -> list[tuple[str, str]]:
+    """(id, caption) per image of a COCO captions file, by image id; id = the 12-digit file stem."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"captions: {p} is not a readable JSON file ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"captions: {p} is not a COCO captions file (no 'annotations' list)")
+    first: dict[int, tuple[int, str]] = {}
+    for n, a in enumerate(data["annotations"]):
+        try:
+            image_id, ann_id, caption = int(a["image_id"]), int(a["id"]), str(a["caption"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"captions: {p}: annotations[{n}] lacks image_id/id/caption ({e})") from None
+        if image_id not in first or ann_id < first[image_id][0]:
+            first[image_id] = (ann_id, caption)
+    return [(f"{i:012d}", " ".join(first[i][1].split())) for i in sorted(first)]
+
+
+def read_captions(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
+    """A COCO captions .json, or any prompt file `layton generate` reads (.txt/.jsonl/.parquet)."""
+    from pipelines.generate import read_prompt_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"captions: {p} does not exist")
+    pairs = read_coco_captions(p) if p.suffix == ".json" else read_prompt_file(p)
+    if not pairs:
+        raise ValueError(f"captions: {p} holds no captions")
+    return pairs[:limit]
+
+
+def _stem_key(stem: str) -> str:
+    return str(int(stem)) if stem.isdigit() else stem
+
+
+def match_images(images_dir: str | Path, ids: list[str]) -> tuple[dict[str, Path], list[str]]:
+    """{id: image file} for the ids found under `images_dir` (recursively), and the ids not found.
+
+    A `metadata.jsonl` written by `layton generate` names each id's file (failed rows have none);
+    otherwise files are matched by stem."""
+    from pipelines.eval_data import image_files
+    from pipelines.generate import METADATA
+
+    root = Path(images_dir)
+    found: dict[str, Path] = {}
+    if (root / METADATA).is_file():
+        for line in (root / METADATA).read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if r.get("file") and (root / r["file"]).is_file():
+                found[r["id"]] = root / r["file"]
+    else:
+        by_stem = {_stem_key(f.stem): f for f in image_files(root)}
+        found = {i: by_stem[_stem_key(i)] for i in ids if _stem_key(i) in by_stem}
+    return {i: found[i] for i in ids if i in found}, [i for i in ids if i not in found]
+
+
+def summarize(rows: list[dict], metrics: list[str]) -> dict:
+    """Mean of each metric over the images that have it. `math.fsum` is exactly rounded, so the
+    means do not depend on row order (1 worker or N)."""
+    out = {}
+    for m in metrics:
+        values = [r[m] for r in rows if r.get(m) is not None]
+        out[m] = {"mean": math.fsum(values) / len(values) if values else None, "n": len(values)}
+    return out
+
+
+def markdown_table(summary: dict, name: str, images: int) -> str:
+    """The paper's COCO-5K layout: one row per model, a column per metric (higher is better)."""
+    cols = [m for m in METRICS if m in summary]
+    head = "| Method | " + " | ".join(f"{METRICS[m]} ↑" for m in cols) + " | images |"
+    sep = "|---|" + "---|" * len(cols) + "---|"
+    cell = ["n/a" if summary[m]["mean"] is None else f"{summary[m]['mean']:.4f}" for m in cols]
+    notes = [f"{METRICS[m]} over {summary[m]['n']} image(s)" for m in cols if summary[m]["n"] != images]
+    return "\n".join([head, sep, f"| {name} | " + " | ".join(cell) + f" | {images} |"]
+                     + ([""] + [f"{'; '.join(notes)}."] if notes else []))
