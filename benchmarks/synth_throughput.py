@@ -11,10 +11,8 @@ a run over 1x and 4x the prompts: the pipeline streams, so memory must not grow 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from measure import run_layton, tiny_zoo  # noqa: E402
 from tests.conftest import synth_config_dict, write_prompts  # noqa: E402
 
 WORDS = "red green blue golden small large old new cat dog house tree boat car bird flower".split()
@@ -51,7 +50,7 @@ def config(zoo: Path, prompts: Path, out: Path, args) -> dict:
 def plain_loop(cfg_dict: dict) -> tuple[int, float]:
     """The same stages as plain objects in this process, chunk by chunk, one after another."""
     from layton.config import SynthConfig
-    from pipelines.chunks import pack, unpack
+    from pipelines.chunks import pack
     from pipelines.plan import write_plan
     from pipelines.prompts import read_prompts
     from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage, encode_chunks
@@ -74,36 +73,9 @@ def plain_loop(cfg_dict: dict) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def tree_rss(root: psutil.Process) -> int:
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def ray_run(cfg_path: Path) -> dict:
     """`layton synth` in a subprocess: wall time and the peak RSS of its whole process tree."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "layton.cli", "synth", str(cfg_path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, root = 0, psutil.Process(proc.pid)
-
-    def sample():
-        nonlocal peak
-        while proc.poll() is None:
-            peak = max(peak, tree_rss(root))
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    log = proc.communicate()[0]
-    sampler.join()
-    if proc.returncode:
-        raise SystemExit(f"layton synth failed:\n{log[-3000:]}")
-    return {"wall": time.perf_counter() - t0, "peak_rss": peak}
+    return run_layton("synth", str(cfg_path))
 
 
 def main() -> None:
@@ -118,12 +90,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        zoo = args.zoo
-        if zoo is None:
-            from layton.zoo import write_tiny_zoo
-
-            zoo = tmp / "zoo"
-            write_tiny_zoo(zoo)
+        zoo = tiny_zoo(args.zoo, tmp)
         results = {}
         for mult in (1, 4):
             prompts = make_prompts(tmp / f"p{mult}.parquet", args.prompts * mult)
