@@ -15,16 +15,10 @@ $(BIN)/layton: pyproject.toml constraints.txt
 
 install: $(BIN)/layton
 
-# The main job on the embedded default: tiny model zoo, local Ray, bundled prompts.
+# The main job on the embedded default: the bundled tiny workflow (tiny model zoo, local Ray, bundled
+# prompts) from synthesis to evaluation tables and runs/demo/report.html. A rerun resumes/skips.
 demo: install
-	$(BIN)/layton models tiny $(DEMO)/zoo --if-missing
-	$(BIN)/layton synth workflows/synth_demo.yaml
-	$(BIN)/layton shards stats $(DEMO)/shards
-	$(BIN)/layton train tokenizer workflows/tokenizer_demo.yaml
-	$(BIN)/layton train gen workflows/gen_demo.yaml
-	$(BIN)/layton generate --prompts workflows/data/gen_prompts.txt -o $(DEMO)/generate --size 128
-	$(BIN)/layton eval recon workflows/eval_recon_demo.yaml
-	$(BIN)/layton eval geneval workflows/eval_geneval_demo.yaml
+	$(BIN)/layton workflow run workflows/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

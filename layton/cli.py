@@ -8,8 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
+from layton.cli_cluster import add_cluster_commands
 from layton.config import ConfigError, load_config
 from layton.model_files import ModelFileError
+from layton.report import add_report_command
 
 
 def _models_tiny(args) -> None:
@@ -118,6 +120,75 @@ def _eval_geneval(args) -> None:
     out = Path(body["config"]["output"])
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.json'} ({body['images']} image(s), {body['seconds']:.1f}s)")
+
+
+def _eval_coco(args) -> None:
+    from layton.config import CocoEvalConfig
+    from workflows.eval_coco import run_coco_eval
+
+    body = run_coco_eval(load_config(args.config, CocoEvalConfig))
+    out = Path(body["config"]["output"])
+    print((out / "results.md").read_text())
+    if body["skipped"]:
+        print(f"skipped: {body['skipped']}")
+    if body["without_face"]:
+        print(f"{body['without_face']} image(s) without a detected face (no FaceScore)")
+    print(f"results: {out / 'results.json'} ({body['images']} of {body['captions']} caption(s) scored, {body['seconds']:.1f}s)")
+
+
+WORKFLOW_ENV, WORKFLOW_CWD_ENV = "LAYTON_WORKFLOW", "LAYTON_WORKFLOW_CWD"
+
+
+def _read_workflow(args):
+    """The workflow of `args.file`, or (as a submitted Ray Job) the text in $LAYTON_WORKFLOW, whose
+    relative paths resolve against the submitter's directory when this machine has it."""
+    import os
+
+    from layton.workflow import load_workflow, parse_workflow
+
+    if not getattr(args, "from_env", False):
+        if args.file is None:
+            raise ValueError("give a workflow FILE")
+        return load_workflow(args.file)
+    if WORKFLOW_ENV not in os.environ:
+        raise ValueError(f"--from-env: ${WORKFLOW_ENV} is not set (it is set by `layton workflow submit`)")
+    cwd = os.environ.get(WORKFLOW_CWD_ENV)
+    if cwd and Path(cwd).is_dir():
+        os.chdir(cwd)
+    return parse_workflow(os.environ[WORKFLOW_ENV], os.environ.get("LAYTON_WORKFLOW_SOURCE", f"${WORKFLOW_ENV}"))
+
+
+def _workflow_validate(args) -> None:
+    from layton.workflow import check_links
+
+    wf = _read_workflow(args)
+    check_links(wf)
+    print(f"{wf.source}: workflow {wf.name!r} is valid; stages: {', '.join(wf.stages())}; root {wf.root}")
+
+
+def _workflow_run(args) -> None:
+    from workflows.run_workflow import run_workflow
+
+    wf = _read_workflow(args)
+    print(f"workflow {wf.name}: {', '.join(wf.stages())} -> {wf.root}", flush=True)
+    final = run_workflow(wf, on_event=lambda line: print(line, flush=True))
+    print(f"workflow {wf.name}: all {len(final['stages'])} stage(s) complete; report {final['report']}")
+
+
+def _workflow_submit(args) -> None:
+    import os
+
+    from layton.cli_cluster import resolve_address
+    from layton.jobs import submit_workflow
+    from layton.workflow import check_links
+
+    wf = _read_workflow(args)
+    check_links(wf)  # a broken workflow is refused here, not on the cluster
+    address = resolve_address(args.address)
+    sid = submit_workflow(address, wf.name, Path(args.file).read_text(),
+                          env_vars={WORKFLOW_CWD_ENV: os.getcwd(), "LAYTON_WORKFLOW_SOURCE": str(args.file)})
+    print(sid)
+    print(f"follow it: layton jobs status {sid} --address {address}; layton jobs logs {sid} --follow --address {address}")
 
 
 DEFAULT_TOKENIZER = "runs/demo/train/tokenizer-stage2/tokenizer"
@@ -257,6 +328,25 @@ def build_parser() -> argparse.ArgumentParser:
     eg = ev.add_parser("geneval", help="GenEval: generate (optional) and score in GenEval's layout")
     eg.add_argument("config")
     eg.set_defaults(fn=_eval_geneval)
+    ec = ev.add_parser("coco", help="COCO-5K captions: generate (optional), ImageReward / MPS / HPSv2 / FaceScore means")
+    ec.add_argument("config")
+    ec.set_defaults(fn=_eval_coco)
+
+    wfp = sub.add_parser("workflow", help="a whole experiment from one workflow file").add_subparsers(dest="what", required=True)
+    wr = wfp.add_parser("run", help="run (or resume) a workflow on the current Ray (a local instance if none)")
+    wr.add_argument("file", nargs="?")
+    wr.add_argument("--from-env", action="store_true", help=f"read the workflow from ${WORKFLOW_ENV} (submitted jobs)")
+    wr.set_defaults(fn=_workflow_run)
+    wv = wfp.add_parser("validate", help="check a workflow file (schema, stage links) without running anything")
+    wv.add_argument("file")
+    wv.set_defaults(fn=_workflow_validate)
+    ws = wfp.add_parser("submit", help="submit a workflow as a Ray Job; prints the submission id")
+    ws.add_argument("file")
+    ws.add_argument("--address", help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: "
+                    "$RAY_API_SERVER_ADDRESS / $RAY_ADDRESS, else the head `layton cluster up` started)")
+    ws.set_defaults(fn=_workflow_submit)
+    add_report_command(sub)
+    add_cluster_commands(sub)
 
     enc = sub.add_parser("encode", help="images -> token ids (.npy, shape (N, h, w))")
     enc.add_argument("images", nargs="+")
@@ -282,10 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (ConfigError, ModelFileError, FileNotFoundError, ValueError, ImportError) as e:
+    except (ConfigError, ModelFileError, FileNotFoundError, ValueError, ImportError, ConnectionError) as e:
         print(f"layton: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # e.g. ResumeConflict
+    except (RuntimeError, TimeoutError) as e:  # e.g. ResumeConflict, WorkflowAlreadyRunning
         print(f"layton: error: {e}", file=sys.stderr)
         return 3
     return 0

@@ -110,8 +110,24 @@ class MetricsLog:
             self.writer.flush()
             with open(self.job_dir / "history.jsonl", "a") as f:
                 f.write(json.dumps({**metrics, "resumed_from": self.resumed_from, "time": time.time()}) + "\n")
+            self._export(metrics)
         self._reset()
         return metrics
+
+    def _export(self, metrics: dict) -> None:
+        """Training progress for the Ray dashboard's metrics view (`ray_layton_train_*` in Prometheus)."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        if not hasattr(self, "_gauges"):
+            from ray.util.metrics import Gauge
+
+            self._gauges = {k: Gauge(f"layton_train_{k}", description=f"training {k} at the last log step", tag_keys=("job",))
+                            for k in ("step", "loss", "samples_per_s")}
+        for k, g in self._gauges.items():
+            if isinstance(metrics.get(k), (int, float)):
+                g.set(float(metrics[k]), tags={"job": self.job_dir.name})
 
     def add_image(self, tag: str, grid: torch.Tensor, step: int) -> None:
         if self.writer is not None:
