@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from measure import run_layton, tiny_zoo  # noqa: E402
+from measure import print_scaling, run_layton, steady_rate, tiny_zoo  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry")
 
@@ -63,12 +63,15 @@ def config(zoo: Path, root: Path, args) -> dict:
     }
 
 
-def plain_loop(cfg_dict: dict) -> tuple[int, float]:
+def plain_loop(cfg_dict: dict, threads: int) -> tuple[int, float]:
     """The same actor class as a plain object in this process, batch after batch; model load excluded."""
+    import torch
+
     from layton.coco import match_images, read_captions
     from layton.config import CocoEvalConfig
     from workflows.eval_coco import ScorePreferences
 
+    torch.set_num_threads(threads)
     cfg = CocoEvalConfig.model_validate(cfg_dict)
     pairs = read_captions(cfg.captions)
     files, _ = match_images(cfg.images, [i for i, _ in pairs])
@@ -102,22 +105,17 @@ def main() -> None:
             results[mult] = run_layton("eval", "coco", str(cfg_path))
             scored = json.loads((root / "out/results.json").read_text())["images"]
             assert scored == args.images * mult, f"{scored} of {args.images * mult} images scored"
-        n, plain_s = plain_loop(config(zoo, tmp / "x1", args))
+        plain = {t: plain_loop(config(zoo, tmp / "x1", args), t) for t in sorted({psutil.cpu_count(), 1})}
 
-    # Start-up (Ray, the actors' model loading) is paid once per run: the 4x run minus the 1x run
-    # leaves 3x the images at steady state, comparable with the loop (whose model loading is excluded).
-    w1, w4 = results[1]["wall"], results[4]["wall"]
-    ray_ips = 3 * args.images / (w4 - w1)
-    plain_ips = n / plain_s
+    ray_ips = steady_rate(results, args.images)
     print(f"setup: {args.images} images at {args.size}px, batch {args.batch}, {args.actors} scoring actors x "
           f"{psutil.cpu_count() / args.actors:g} CPUs, {psutil.cpu_count()} CPUs; tiny zoo ImageReward+MPS+HPSv2+FaceScore")
-    print(f"plain loop, 1 process, model load excluded : {plain_ips:7.3f} images/s")
+    for threads, (n, seconds) in plain.items():
+        print(f"plain loop, 1 process, {threads} torch thread(s)  : {n / seconds:7.3f} images/s (model load excluded)")
+    best = max(n / seconds for n, seconds in plain.values())
     print(f"Ray Data job, (4x - 1x) images / time      : {ray_ips:7.3f} images/s")
-    print(f"ratio Ray / plain                          : {ray_ips / plain_ips:7.3f}")
-    print(f"Ray end to end incl. start-up: 1x {args.images / w1:.3f} images/s ({w1:.1f}s), "
-          f"4x {4 * args.images / w4:.3f} images/s ({w4:.1f}s)")
-    r1, r4 = results[1]["peak_rss"], results[4]["peak_rss"]
-    print(f"peak RSS of the job's process tree: 1x {r1 / 2**30:.2f} GiB, 4x {r4 / 2**30:.2f} GiB, ratio 4x/1x {r4 / r1:.3f}")
+    print(f"ratio Ray / best plain loop                : {ray_ips / best:7.3f}")
+    print_scaling(results, args.images, "images")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,17 @@ def tiny_zoo(given: Path | None, tmp: Path) -> Path:
 
     write_tiny_zoo(tmp / "zoo")
     return tmp / "zoo"
+
+
+def steady_rate(results: dict[int, dict], n: int) -> float:
+    """Items/s at steady state from runs over 1x and 4x `n` items: start-up (Ray, the actors' model
+    loading) is paid once per run, so the 4x run minus the 1x run leaves 3n items."""
+    return 3 * n / (results[4]["wall"] - results[1]["wall"])
+
+
+def print_scaling(results: dict[int, dict], n: int, what: str) -> None:
+    """End-to-end rates and the peak RSS of the 1x and 4x runs."""
+    w1, w4 = results[1]["wall"], results[4]["wall"]
+    print(f"Ray end to end incl. start-up: 1x {n / w1:.3f} {what}/s ({w1:.1f}s), 4x {4 * n / w4:.3f} {what}/s ({w4:.1f}s)")
+    r1, r4 = results[1]["peak_rss"], results[4]["peak_rss"]
+    print(f"peak RSS of the run's process tree: 1x {r1 / 2**30:.2f} GiB, 4x {r4 / 2**30:.2f} GiB, ratio 4x/1x {r4 / r1:.3f}")

@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from measure import run_layton, tiny_zoo  # noqa: E402
+from measure import print_scaling, run_layton, steady_rate, tiny_zoo  # noqa: E402
 from tests.conftest import synth_config_dict, write_prompts  # noqa: E402
 
 WORDS = "red green blue golden small large old new cat dog house tree boat car bird flower".split()
@@ -73,11 +73,6 @@ def plain_loop(cfg_dict: dict) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def ray_run(cfg_path: Path) -> dict:
-    """`layton synth` in a subprocess: wall time and the peak RSS of its whole process tree."""
-    return run_layton("synth", str(cfg_path))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=32)
@@ -96,14 +91,10 @@ def main() -> None:
             prompts = make_prompts(tmp / f"p{mult}.parquet", args.prompts * mult)
             cfg_path = tmp / f"ray{mult}.yaml"
             cfg_path.write_text(yaml.safe_dump(config(zoo, prompts, tmp / f"ray{mult}", args)))
-            results[mult] = ray_run(cfg_path)
+            results[mult] = run_layton("synth", str(cfg_path))
         n, plain_s = plain_loop(config(zoo, make_prompts(tmp / "plain.parquet", args.prompts), tmp / "plain", args))
 
-    # Ray's start-up and the actors' model loading are paid once per run: the 4x run minus the
-    # 1x run leaves the time of 3x the prompts at steady state, comparable with the plain loop
-    # (whose model loading is excluded too).
-    w1, w4 = results[1]["wall"], results[4]["wall"]
-    ray_ips = 3 * args.prompts / (w4 - w1)
+    ray_ips = steady_rate(results, args.prompts)
     plain_ips = n / plain_s
     print(f"setup: {args.prompts} prompts, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, "
           f"generation actor {args.gen_cpus:g} CPUs, "
@@ -111,10 +102,7 @@ def main() -> None:
     print(f"plain loop, 1 process, model load excluded : {plain_ips:7.3f} images/s")
     print(f"Ray Data pipeline, (4x - 1x) prompts / time: {ray_ips:7.3f} images/s")
     print(f"ratio Ray / plain                          : {ray_ips / plain_ips:7.3f}")
-    print(f"Ray end to end incl. start-up: 1x {args.prompts / w1:.3f} images/s ({w1:.1f}s), "
-          f"4x {4 * args.prompts / w4:.3f} images/s ({w4:.1f}s)")
-    r1, r4 = results[1]["peak_rss"], results[4]["peak_rss"]
-    print(f"peak RSS of the run's process tree: 1x {r1 / 2**30:.2f} GiB, 4x {r4 / 2**30:.2f} GiB, ratio 4x/1x {r4 / r1:.3f}")
+    print_scaling(results, args.prompts, "images")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 ```yaml
 name: demo                       # a Ray Job per run of this name; reruns resume
-root: runs/demo                  # storage root: every stage's outputs live under it
+root: runs/demo                  # storage root: a local path, or a URI (s3://, gs://, file://, ...)
 tiny_zoo: runs/demo/zoo          # optional: write the tiny model zoo here first (the embedded default)
 ray: {num_cpus: 4}               # the cluster (address) or the local instance, for every stage
 stages:                          # any subset, run in this order:
@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from layton.storage import is_uri, open_uri, staging_dir
 from layton.config import (CocoEvalConfig, ConfigError, GenEvalRunConfig, GenTrainConfig, RayConfig, ReconEvalConfig,
                            Section, SynthConfig, TokenizerTrainConfig, _field_path)
 
@@ -55,6 +56,7 @@ class Workflow:
     raw: dict  # the file as written
     tiny_zoo: Path | None
     ray: RayConfig
+    remote: str | None = None  # a cloud URI root; `root` is then its local staging copy
     configs: dict[str, BaseModel] = field(default_factory=dict)  # section -> validated stage config
 
     def stages(self) -> list[str]:
@@ -136,12 +138,16 @@ def parse_workflow(text: str, source: str) -> Workflow:
     unknown = [s for s in wf.stages if s not in STAGE_SECTIONS]
     if unknown:
         raise ConfigError(f"{source}: stages.{unknown[0]}: unknown stage (stages are {', '.join(STAGE_SECTIONS)})")
-    root = Path(wf.root)
-    if "://" in wf.root:
-        raise ConfigError(f"{source}: root: {wf.root}: the stages write with local file APIs; use a local or shared "
-                          "(NFS, mounted bucket) path")
-    root = root.resolve()
-    out = Workflow(wf.name, root, source, raw, Path(wf.tiny_zoo).resolve() if wf.tiny_zoo else None, wf.ray)
+    remote = None
+    if is_uri(wf.root):  # stages work in a local staging copy, mirrored to the URI (layton/storage.py)
+        try:
+            open_uri(wf.root)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{source}: {e}") from None
+        remote, root = wf.root, staging_dir(wf.name, wf.root)
+    else:
+        root = Path(wf.root).resolve()
+    out = Workflow(wf.name, root, source, raw, Path(wf.tiny_zoo).resolve() if wf.tiny_zoo else None, wf.ray, remote)
     wf_ray = wf.ray.model_dump(mode="json")
     problems = []
     for section in STAGE_SECTIONS:  # the fixed order, whatever the file's order
@@ -203,11 +209,12 @@ def check_links(wf: Workflow) -> None:
     """A stage whose input neither exists nor is written by an earlier stage fails here, naming it —
     before the zoo, Ray or any stage starts."""
     produced: set[Path] = set()
-    zoo = [wf.tiny_zoo] if wf.tiny_zoo else []
+    # The tiny zoo is written, and a URI root's contents pulled, when the run starts.
+    provided = [p for p in (wf.tiny_zoo, wf.root if wf.remote else None) if p is not None]
     for section, cfg in wf.configs.items():
         for name, path in _linked_inputs(section, cfg):
             p = Path(path).resolve()
-            if not (p.exists() or p in produced or any(p.is_relative_to(z) for z in zoo)):
+            if not (p.exists() or p in produced or any(p.is_relative_to(z) for z in provided)):
                 raise FileNotFoundError(f"{wf.source}: stages.{section}.{name}: {path} does not exist and no earlier "
                                         "stage of this workflow writes it")
         produced |= {p.resolve() for p in _outputs(section, cfg)}

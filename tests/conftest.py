@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from layton.cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,10 +38,6 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -65,11 +65,13 @@ class WorkflowState:
         self._gauge.set(STATUS_CODE[self.stages[stage]["status"]], tags={"workflow": self.name, "stage": stage})
 
 
-def fingerprint(cfg) -> str:
-    """The settings that decide a stage's outputs (where it runs does not)."""
+def fingerprint(cfg, root: Path) -> str:
+    """The settings that decide a stage's outputs. Where it runs does not: neither `ray` nor the
+    run's root (a URI root's staging copy lies elsewhere on each machine)."""
     data = cfg.model_dump(mode="json")
     data.pop("ray", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    text = json.dumps(data, sort_keys=True).replace(str(root), "<root>")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def preflight(wf: Workflow) -> None:
@@ -112,8 +114,8 @@ def preflight(wf: Workflow) -> None:
             raise type(e)(f"{wf.source}: stages.{section}: {e}") from None
 
 
-def _eval_done(cfg, state: dict) -> bool:
-    return (Path(cfg.output) / "results.json").is_file() and state.get("fingerprint") == fingerprint(cfg)
+def _eval_done(cfg, root: Path, state: dict) -> bool:
+    return (Path(cfg.output) / "results.json").is_file() and state.get("fingerprint") == fingerprint(cfg, root)
 
 
 def run_stage(wf: Workflow, stage: str, state: dict) -> tuple[dict, bool]:
@@ -135,7 +137,7 @@ def run_stage(wf: Workflow, stage: str, state: dict) -> tuple[dict, bool]:
         r = run_gen_training(wf.configs["laytongen"])
         return {"step": r.step, "loss": r.metrics.get("loss"), "export": r.directory}, r.skipped
     cfg = wf.configs[stage]
-    if _eval_done(cfg, state):
+    if _eval_done(cfg, wf.root, state):
         return state.get("summary", {}), True
     if stage == "eval_recon":
         from workflows.eval_recon import run_recon_eval
@@ -155,6 +157,13 @@ def run_stage(wf: Workflow, stage: str, state: dict) -> tuple[dict, bool]:
     return summary, False
 
 
+def _push(wf: Workflow, on_event) -> None:
+    if wf.remote:
+        from layton.storage import push
+
+        on_event(f"storage: {push(wf.root, wf.remote)} file(s) pushed to {wf.remote}")
+
+
 def run_workflow(wf: Workflow, on_event=print) -> dict:
     """Run every stage of `wf` not yet complete; returns the final state. A failing stage is recorded
     (status, error) and re-raised; the stages after it stay pending."""
@@ -165,6 +174,10 @@ def run_workflow(wf: Workflow, on_event=print) -> dict:
 
     check_links(wf)
     wf.root.mkdir(parents=True, exist_ok=True)
+    if wf.remote:
+        from layton.storage import pull
+
+        on_event(f"storage: {pull(wf.remote, wf.root)} file(s) pulled from {wf.remote} into {wf.root}")
     (wf.root / "workflow.yaml").write_text(yaml.safe_dump(wf.raw, sort_keys=False))
     if wf.tiny_zoo:
         from layton.zoo import write_tiny_zoo, zoo_complete
@@ -185,16 +198,19 @@ def run_workflow(wf: Workflow, on_event=print) -> dict:
             except BaseException as e:
                 state.set(stage, status="failed", finished=time.time(), seconds=time.time() - t0,
                           error=f"{type(e).__name__}: {e}"[:2000])
+                _push(wf, on_event)
                 raise
             cfg = wf.configs["tokenizer" if stage.startswith("tokenizer") else stage]
             if skipped:
                 summary = {**state.stages[stage].get("summary", {}), **summary}
             state.set(stage, status="complete", finished=time.time(), seconds=time.time() - t0, summary=summary,
-                      skipped=skipped, fingerprint=fingerprint(cfg))
+                      skipped=skipped, fingerprint=fingerprint(cfg, wf.root))
             on_event(f"{stage}: {'already complete' if skipped else 'complete'} ({time.time() - t0:.1f}s) {summary}")
+            _push(wf, on_event)
     finally:
         if started_here:
             ray.shutdown()
     report = write_report(wf.root)
     on_event(f"report: {report}")
+    _push(wf, on_event)
     return {"name": wf.name, "root": str(wf.root), "stages": state.stages, "report": str(report)}

@@ -12,8 +12,9 @@ import urllib.request
 
 import yaml
 
+from layton.cluster import free_port
 from layton.jobs import job_logs, job_status, wait_for_job
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 
 def _layton(*args, env) -> subprocess.CompletedProcess:
