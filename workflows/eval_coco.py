@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layton.config import CocoEvalConfig
+from layton.config import CocoEvalConfig, PreferenceScorers
 
 
 class ScorePreferences:
@@ -77,14 +77,10 @@ class ScorePreferences:
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
 
 
-def check_coco_inputs(config: CocoEvalConfig) -> list[tuple[str, str]]:
-    """Captions, scorer files and generator/images checked before Ray starts (errors name the field)."""
-    from layton.coco import read_captions
+def check_scorer_files(sc: PreferenceScorers) -> None:
+    """Every file of the configured scorers; errors name the field."""
     from layton.model_files import check_file, check_model_dir
-    from pipelines.generate import check_laytongen_dir
 
-    pairs = read_captions(config.captions, config.limit)
-    sc = config.scorers
     if sc.imagereward:
         check_file(sc.imagereward.checkpoint, "scorers.imagereward.checkpoint")
         check_file(sc.imagereward.med_config, "scorers.imagereward.med_config")
@@ -100,6 +96,15 @@ def check_coco_inputs(config: CocoEvalConfig) -> list[tuple[str, str]]:
         check_file(sc.facescore.checkpoint, "scorers.facescore.checkpoint")
         check_file(sc.facescore.med_config, "scorers.facescore.med_config")
         check_model_dir(sc.facescore.tokenizer, "scorers.facescore.tokenizer", marker="tokenizer_config.json")
+
+
+def check_coco_inputs(config: CocoEvalConfig) -> list[tuple[str, str]]:
+    """Captions, scorer files and generator/images checked before Ray starts (errors name the field)."""
+    from layton.coco import read_captions
+    from pipelines.generate import check_laytongen_dir
+
+    pairs = read_captions(config.captions, config.limit)
+    check_scorer_files(config.scorers)
     if config.generator is not None:
         check_laytongen_dir(config.generator)
     elif not Path(config.images).is_dir():

@@ -105,11 +105,10 @@ def preflight(wf: Workflow) -> None:
                 check_model_dir(cfg.detector, "detector")
                 check_model_dir(cfg.clip, "clip", marker="open_clip_config.json")
             elif section == "eval_coco":
-                from workflows.eval_coco import check_coco_inputs
+                from workflows.eval_coco import check_scorer_files
 
                 read_captions(cfg.captions, cfg.limit)
-                if cfg.generator is None or Path(cfg.generator).exists():
-                    check_coco_inputs(cfg)
+                check_scorer_files(cfg.scorers)
         except (FileNotFoundError, ModelFileError, ValueError) as e:
             raise type(e)(f"{wf.source}: stages.{section}: {e}") from None
 

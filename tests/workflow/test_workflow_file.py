@@ -108,3 +108,7 @@ def test_missing_model_file_fails_in_preflight_naming_stage_and_field(tmp_path, 
     wf = parse_workflow(text.replace("vq_ds16_t2i.pt", "missing_vq.pt"), "wf.yaml")
     with pytest.raises(ModelFileError, match=r"wf.yaml: stages.tokenizer: model.vq: .*missing_vq.pt does not exist"):
         preflight(wf)
+    # A stage whose generator comes later still has its scorer files checked up front.
+    wf = parse_workflow(text.replace("HPS_v2_compressed.pt", "missing_hps.pt"), "wf.yaml")
+    with pytest.raises(ModelFileError, match=r"wf.yaml: stages.eval_coco: scorers.hpsv2.checkpoint: .*missing_hps.pt"):
+        preflight(wf)
