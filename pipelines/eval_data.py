@@ -83,3 +83,26 @@ def read_image_set(cfg) -> ray.data.Dataset:
 
         ds = read_shard_images([str(p)]).select_columns(["key", "image"])
     return ds.limit(cfg.limit) if cfg.limit else ds
+
+
+def score_rows(items: list[dict], actor_cls, ctor_kwargs: dict, batch_size: int, res) -> list[dict]:
+    """An actor pool of `actor_cls` (sized by `res`, a Resources) over `items`; the actor returns its
+    rows as JSON strings in the column `row`."""
+    import json
+
+    ds = ray.data.from_items(items).map_batches(
+        actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=res.num_actors), num_gpus=res.num_gpus, num_cpus=res.num_cpus,
+        batch_format="numpy")
+    return [json.loads(r) for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in b["row"]]
+
+
+def write_results(out: Path, rows: list[dict], body: dict, table: str) -> None:
+    """results.jsonl (a row per image, in the given order), results.json (`body`), results.md (`table`)."""
+    import json
+
+    with open(out / "results.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (out / "results.json").write_text(json.dumps(body, indent=1, default=str))
+    (out / "results.md").write_text(table)

@@ -31,7 +31,7 @@ class ScorePreferences:
         cfg = PreferenceScorers.model_validate(scorers)
         device = pick_device(device)
         dtype = pick_dtype(cfg.dtype, device)
-        self.scorers = {}
+        self.scorers, self.facescore = {}, None
         if cfg.imagereward:
             from layton.scorers.imagereward import ImageRewardScorer
 
@@ -71,7 +71,7 @@ class ScorePreferences:
             for name, score in self.scorers.items():
                 for r, v in zip(scored, score(prompts, images)):
                     r[name] = float(v)
-            if hasattr(self, "facescore"):
+            if self.facescore is not None:
                 for r, fs in zip(scored, self.facescore.score(prompts, images)):
                     r.update(facescore=fs["facescore"], faces=fs["faces"], face_reason=fs["reason"])
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
@@ -117,6 +117,7 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
 
     from layton.coco import markdown_table, match_images, summarize
     from layton.ray_cluster import init_ray
+    from pipelines.eval_data import score_rows, write_results
     from pipelines.generate import GenerateSettings, generate_prompts
 
     t0 = time.time()
@@ -143,18 +144,12 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
         items = [{"id": i, "prompt": t, "file": str(files[i])} for i, t in pairs if i in files]
         if not items:
             raise FileNotFoundError(f"images: {config.images} holds no image for any of the {len(pairs)} caption(s)")
-        ds = ray.data.from_items(items).map_batches(
-            ScorePreferences, fn_constructor_kwargs=dict(scorers=config.scorers.model_dump(mode="json"), device=device),
-            batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=res.num_actors),
-            num_gpus=res.num_gpus, num_cpus=res.num_cpus, batch_format="numpy")
-        rows += [json.loads(r) for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in b["row"]]
+        rows += score_rows(items, ScorePreferences, dict(scorers=config.scorers.model_dump(mode="json"), device=device),
+                           config.batch_size, res)
     finally:
         if started_here:
             ray.shutdown()
     rows.sort(key=lambda r: r["id"])
-    with open(out / "results.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
     scored = [r for r in rows if not r["reason"]]
     metrics = config.scorers.names()
     summary = summarize(scored, metrics)
@@ -164,6 +159,5 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
             "converted": sum(bool(r.get("converted")) for r in scored),
             "without_face": sum(r.get("faces") == 0 for r in scored) if "facescore" in metrics else None,
             "generated": generated, "config": config.model_dump(mode="json"), "seconds": time.time() - t0}
-    (out / "results.json").write_text(json.dumps(body, indent=1, default=str))
-    (out / "results.md").write_text(f"COCO ({len(scored)} images)\n\n" + markdown_table(summary, name, len(scored)) + "\n")
+    write_results(out, rows, body, f"COCO ({len(scored)} images)\n\n" + markdown_table(summary, name, len(scored)) + "\n")
     return body

@@ -81,15 +81,22 @@ class ScoreSamples:
         return {"row": np.array([json.dumps(r, default=str) for r in rows], dtype=object)}
 
 
-def check_geneval_inputs(config: GenEvalRunConfig):
-    """Metadata, detector, CLIP and generator checked before Ray starts (errors name the field/line)."""
+def check_geneval_models(config: GenEvalRunConfig):
+    """Metadata, detector and CLIP (what no other stage writes); returns the prompts."""
     from layton.geneval import read_metadata
     from layton.model_files import check_model_dir
-    from pipelines.generate import check_laytongen_dir
 
     prompts = read_metadata(config.metadata)[: config.limit]
     check_model_dir(config.detector, "detector")
     check_model_dir(config.clip, "clip", marker="open_clip_config.json")
+    return prompts
+
+
+def check_geneval_inputs(config: GenEvalRunConfig):
+    """Metadata, detector, CLIP and generator checked before Ray starts (errors name the field/line)."""
+    from pipelines.generate import check_laytongen_dir
+
+    prompts = check_geneval_models(config)
     if config.generator is not None:
         check_laytongen_dir(config.generator)
     if config.generator is None and not Path(config.images).is_dir():
@@ -111,6 +118,7 @@ def run_geneval(config: GenEvalRunConfig) -> dict:
 
     from layton.geneval import markdown_table, read_sample_dirs, summarize
     from layton.ray_cluster import init_ray
+    from pipelines.eval_data import score_rows, write_results
 
     t0 = time.time()
     prompts = check_geneval_inputs(config)
@@ -138,23 +146,16 @@ def run_geneval(config: GenEvalRunConfig) -> dict:
                  for f in paths if wanted is None or int(f.parent.parent.name) in wanted]
         if not items:
             raise FileNotFoundError(f"images: {images_dir} holds no GenEval samples")
-        ds = ray.data.from_items(items).map_batches(
-            ScoreSamples, fn_constructor_kwargs=dict(detector=str(Path(config.detector).resolve()),
-                                                     clip=str(Path(config.clip).resolve()), device=device),
-            batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=res.num_actors), num_gpus=res.num_gpus,
-            num_cpus=res.num_cpus, batch_format="numpy")
-        rows = [json.loads(r) for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in b["row"]]
+        rows = score_rows(items, ScoreSamples, dict(detector=str(Path(config.detector).resolve()),
+                                                    clip=str(Path(config.clip).resolve()), device=device),
+                          config.batch_size, res)
     finally:
         if started_here:
             ray.shutdown()
     rows.sort(key=lambda r: r["filename"])
-    with open(out / "results.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
     summary = summarize(rows)
     name = Path(config.generator).name if config.generator else images_dir.name
     body = {"task": "geneval", "summary": summary, "images": len(rows), "generated_prompts": generated,
             "config": {**config.model_dump(mode="json"), "output": str(out)}, "seconds": time.time() - t0}
-    (out / "results.json").write_text(json.dumps(body, indent=1, default=str))
-    (out / "results.md").write_text(markdown_table(summary, name) + "\n")
+    write_results(out, rows, body, markdown_table(summary, name) + "\n")
     return body

@@ -78,7 +78,6 @@ def preflight(wf: Workflow) -> None:
     """The model files and inputs of every stage that do not come from an earlier stage, checked
     before any stage starts; errors name the file, the stage and the field."""
     from layton.coco import read_captions
-    from layton.geneval import read_metadata
     from layton.model_files import ModelFileError, check_file, check_model_dir, check_synth_models
     from layton.tokenizer import check_tokenizer_models
     from pipelines.prompts import check_prompt_files
@@ -101,9 +100,9 @@ def preflight(wf: Workflow) -> None:
                     if m.kind != "layton" and not Path(m.path).exists():
                         raise FileNotFoundError(f"models[{i}].path: {m.path} does not exist")
             elif section == "eval_geneval":
-                read_metadata(cfg.metadata)
-                check_model_dir(cfg.detector, "detector")
-                check_model_dir(cfg.clip, "clip", marker="open_clip_config.json")
+                from workflows.eval_geneval import check_geneval_models
+
+                check_geneval_models(cfg)
             elif section == "eval_coco":
                 from workflows.eval_coco import check_scorer_files
 
