@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from layton.cli_cluster import add_cluster_commands
@@ -28,11 +29,22 @@ def _synth(args) -> None:
     from pipelines.synth import run_synth
 
     config = load_config(args.config)
+    start = time.time()
 
-    def progress(stats: dict) -> None:
-        print(f"shard {stats['shard']:05d}: {stats['accepted']}/{stats['total']} accepted", flush=True)
+    def progress(stats: dict, so_far) -> None:
+        elapsed = time.time() - start
+        n, todo = so_far.shards_written, so_far.shards_planned
+        eta = f", ~{elapsed / n * (todo - n):.0f}s left" if n < todo else ""
+        print(f"shard {stats['shard']:05d}: {stats['accepted']}/{stats['total']} accepted, {stats['rejected']} rejected, "
+              f"{stats['failed']} failed | {n}/{todo} shards, {so_far.accepted} accepted / {so_far.rejected} rejected "
+              f"so far, {elapsed:.0f}s{eta}", flush=True)
 
-    result = run_synth(config, force=args.force, on_shard=progress)
+    def planned(r) -> None:
+        p = r.plan
+        print(f"synth: plan {p['shards']} shard(s) over {p['rows']} input row(s) of {p['inputs']} file(s): "
+              f"{r.shards_skipped} complete, {r.shards_planned} to do", flush=True)
+
+    result = run_synth(config, force=args.force, on_plan=planned, on_shard=progress)
     print(
         f"synth: wrote {result.shards_written} shard(s), kept {result.shards_skipped} complete one(s); "
         f"{result.accepted} accepted / {result.rejected} rejected / {result.failed} failed in {result.seconds:.1f}s"

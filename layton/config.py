@@ -41,8 +41,8 @@ class PromptsConfig(Section):
     text_column: str = "TEXT"  # LAION metadata's caption column
     id_column: str | None = None  # when absent, id = hash(file name, row)
     max_chars: int = Field(1000, ge=1)  # longer prompts are rejected, not truncated
-    dedup: bool = True
-    limit: int | None = Field(None, ge=1)
+    dedup: bool = True  # a distributed pre-pass (pipelines/dedup.py) finds repeated texts
+    limit: int | None = Field(None, ge=1)  # the first `limit` input rows, in file order
     sample_fraction: float | None = Field(None, gt=0, le=1)
     sample_seed: int = 0
 
@@ -100,8 +100,10 @@ class RecaptionConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str
-    shard_size: int = Field(1000, ge=1)  # prompts handled per shard (accepted or not)
+    dir: str  # a local path or a URI (s3://..., anything pyarrow or fsspec opens)
+    # Prompts handled per shard (accepted or not): input rows per shard, / sample_fraction when set.
+    # A shard is the unit of work: a retried task or a killed run redoes at most the shards in flight.
+    shard_size: int = Field(1000, ge=1)
     image_format: Literal["jpg", "png", "webp"] = "jpg"
     jpeg_quality: int = Field(95, ge=1, le=100)
 
@@ -113,6 +115,15 @@ class RayConfig(Section):
     dashboard: bool = True  # local instance only; binds to 127.0.0.1
 
 
+class FaultsConfig(Section):
+    """How the synthesis run rides out failures. A stage actor killed mid-shard is restarted and
+    its shard redone; a task (reading, writing a shard) is retried. Bounded, so that an input that
+    crashes a process every time ends the run with an error instead of looping."""
+
+    max_actor_restarts: int = Field(4, ge=0)
+    max_task_retries: int = Field(4, ge=0)
+
+
 class SynthConfig(Section):
     prompts: PromptsConfig
     generation: GenerationConfig
@@ -120,15 +131,19 @@ class SynthConfig(Section):
     recaption: RecaptionConfig
     output: OutputConfig
     order: Literal["score_first", "recaption_first"] = "score_first"
+    faults: FaultsConfig = FaultsConfig()
     ray: RayConfig = RayConfig()
 
     def fingerprint(self) -> dict:
         """The settings that decide what lands in the shards.
 
-        Resources and the Ray address are left out: moving a run to more GPUs must still resume.
+        Resources, fault handling, the Ray address and where the output lives are left out:
+        moving a run to more GPUs or another directory must still resume.
         """
         data = self.model_dump(mode="json")
         data.pop("ray")
+        data.pop("faults")
+        data["output"].pop("dir")
         for section in ("generation", "scoring", "recaption"):
             data[section].pop("resources")
         data["recaption"].pop("vllm_batch_size")

@@ -92,3 +92,92 @@ def push(local: Path, uri: str) -> int:
         _copy(local_fs, str(f), fs, dest)
         n += 1
     return n
+
+
+class Root:
+    """A directory on a local disk or an object store, through pyarrow.fs.
+
+    Writes are atomic: a reader sees a file whole or not at all. Locally a file is written under a
+    temp name unique to the writer and renamed (two writers of one shard never share a temp file);
+    on an object store an object appears only when its upload completes, so it is written in place.
+    Picklable by its location, so Ray tasks reopen it where they run.
+    """
+
+    def __init__(self, location: str | Path):
+        self.location = str(location)
+        if is_uri(self.location):
+            self.fs, self.path = open_uri(self.location)
+        else:
+            self.fs, self.path = pafs.LocalFileSystem(), str(Path(self.location).resolve())
+        self.path = self.path.rstrip("/") or "/"
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __reduce__(self):
+        return Root, (self.location,)
+
+    def __repr__(self) -> str:
+        return f"Root({self.location!r})"
+
+    def join(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def sub(self, name: str) -> "Root":
+        return Root(f"{self.location.rstrip('/')}/{name}")
+
+    def _fail(self, op: str, name: str, err: Exception):
+        return OSError(f"{self.location.rstrip('/')}/{name}: {op} failed: {err}")
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def mkdir(self) -> None:
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+        except OSError as e:
+            raise self._fail("create directory", "", e) from None
+
+    def write(self, name: str, data: bytes) -> None:
+        try:
+            if self.local:
+                final = Path(self.join(name))
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            else:
+                with self.fs.open_output_stream(self.join(name)) as f:
+                    f.write(data)
+        except OSError as e:
+            raise self._fail("write", name, e) from None
+
+    def read(self, name: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        try:
+            with self.fs.open_input_stream(self.join(name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if self.fs.get_file_info(self.join(name)).type == pafs.FileType.NotFound:
+                return None
+            raise self._fail("read", name, e) from None
+
+    def open_input(self, name: str):
+        return self.fs.open_input_file(self.join(name))
+
+    def list(self, recursive: bool = False) -> dict[str, int]:
+        """Relative name -> size of the files below ({} when the directory does not exist)."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
+        except OSError as e:
+            raise self._fail("list", "", e) from None
+        return {i.path[len(self.path) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self.join(name))
+        except FileNotFoundError:
+            pass

@@ -1,132 +1,85 @@
-"""The work plan of a run: which prompts go to which shard and chunk.
+"""The work plan of a run: which input rows make which shard, as a pure function of the input.
 
-Prompts already recorded by a complete shard are left out; the rest, in input order, are cut
-into shards of `shard_size` prompts, and each shard into chunks of `batch_size` prompts to
-generate. Shards take the lowest numbers no complete shard uses. After a kill, the complete
-shards are whole groups of the original cut, so the remaining prompts fall into exactly the same
-groups, numbers and chunks again: the resumed run writes what the uninterrupted one would have.
+A shard is a fixed range of rows of one input file: shard numbers count the files' ranges in file
+order, so they follow from the file list and the files' row counts (their parquet footers) alone.
+Nothing is materialised per prompt: a rerun lists the shards' completion records and plans the
+rest, and a resumed run writes exactly what the uninterrupted one would have.
 
-The plan is streamed to a parquet file of chunk rows that Ray Data reads, so neither the driver
-nor the object store holds the whole prompt list.
+With `sample_fraction` a shard spans `shard_size / sample_fraction` input rows, so it holds about
+`shard_size` prompts; `limit` keeps the first `limit` input rows (in file order).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from itertools import count
-from pathlib import Path
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import numpy as np
 
-from pipelines.chunks import PENDING, REJECTED
-from pipelines.prompts import Prompt
-
-PLAN_SCHEMA = pa.schema(
-    [
-        ("shard", pa.int32()),
-        ("shard_total", pa.int32()),
-        ("chunk", pa.int32()),
-        ("ids", pa.list_(pa.string())),
-        ("prompts", pa.list_(pa.string())),
-        ("sources", pa.list_(pa.string())),
-        ("rows", pa.list_(pa.int64())),
-        ("seeds", pa.list_(pa.int64())),
-        ("status", pa.list_(pa.string())),
-        ("reason", pa.list_(pa.string())),
-        ("recaption", pa.list_(pa.string())),
-        ("imagereward", pa.list_(pa.float64())),
-        ("mps", pa.list_(pa.float64())),
-    ]
-)
+from layton.config import PromptsConfig
+from pipelines.prompts import InputFile, list_inputs
 
 
-@dataclass
-class PlanSummary:
-    path: Path
-    shards: int = 0
-    chunks: int = 0
-    prompts: int = 0  # prompts still to handle
-    reader_rejected: int = 0
-    skipped_done: int = 0  # prompts already in complete shards
+def rows_per_shard(prompts: PromptsConfig, shard_size: int) -> int:
+    if prompts.sample_fraction is None:
+        return shard_size
+    return max(1, round(shard_size / prompts.sample_fraction))
 
 
-def _chunk_row(shard: int, total: int, chunk: int, prompts: list[Prompt]) -> dict:
-    n = len(prompts)
-    return {
-        "shard": shard,
-        "shard_total": total,
-        "chunk": chunk,
-        "ids": [p.id for p in prompts],
-        "prompts": [p.text for p in prompts],
-        "sources": [p.source for p in prompts],
-        "rows": [p.row for p in prompts],
-        "seeds": [p.seed for p in prompts],
-        "status": [REJECTED if p.reject else PENDING for p in prompts],
-        "reason": [p.reject for p in prompts],
-        "recaption": [""] * n,
-        "imagereward": [math.nan] * n,
-        "mps": [math.nan] * n,
-    }
+@dataclass(frozen=True)
+class ShardPlan:
+    files: tuple[InputFile, ...]
+    rows_per_shard: int
+    limit: int | None = None
+    used_rows: np.ndarray = field(init=False, repr=False)  # rows of each file in the run
+    shard_offsets: np.ndarray = field(init=False, repr=False)  # first shard number of each file
+    row_offsets: np.ndarray = field(init=False, repr=False)  # global position of each file's row 0
+
+    def __post_init__(self):
+        rows = np.array([f.rows for f in self.files], dtype=np.int64)
+        if self.limit is not None:
+            before = np.concatenate([[0], np.cumsum(rows)[:-1]])
+            rows = np.clip(self.limit - before, 0, rows)
+        shards = -(-rows // self.rows_per_shard)
+        object.__setattr__(self, "used_rows", rows)
+        object.__setattr__(self, "shard_offsets", np.concatenate([[0], np.cumsum(shards)]).astype(np.int64))
+        object.__setattr__(self, "row_offsets", np.concatenate([[0], np.cumsum(rows)]).astype(np.int64))
+
+    @property
+    def n_shards(self) -> int:
+        return int(self.shard_offsets[-1])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_offsets[-1])
+
+    def spec(self, shard: int) -> tuple[int, int, int]:
+        """(file index, first row, end row) of a shard."""
+        if not 0 <= shard < self.n_shards:
+            raise IndexError(f"shard {shard} outside the plan's {self.n_shards}")
+        i = int(np.searchsorted(self.shard_offsets, shard, side="right") - 1)
+        start = (shard - int(self.shard_offsets[i])) * self.rows_per_shard
+        return i, start, min(start + self.rows_per_shard, int(self.used_rows[i]))
+
+    def shard_of(self, positions: np.ndarray) -> np.ndarray:
+        """Shard numbers of global row positions."""
+        i = np.searchsorted(self.row_offsets, positions, side="right") - 1
+        return self.shard_offsets[i] + (positions - self.row_offsets[i]) // self.rows_per_shard
+
+    def describe(self) -> dict:
+        """What the manifest records: a resume must see the same input to plan the same shards."""
+        return {"rows_per_shard": self.rows_per_shard, "limit": self.limit, "shards": self.n_shards,
+                "inputs": [[f.name, f.rows] for f in self.files]}
 
 
-def shard_chunks(shard: int, group: list[Prompt], batch_size: int) -> Iterator[dict]:
-    """A shard's chunk rows. Reader-rejected prompts ride in the chunk of the prompts after them
-    but do not count towards its batch, so the batches the models see do not depend on them."""
-    chunk, current, valid = 0, [], 0
-    for p in group:
-        current.append(p)
-        valid += not p.reject
-        if valid == batch_size:
-            yield _chunk_row(shard, len(group), chunk, current)
-            chunk, current, valid = chunk + 1, [], 0
-    if current:
-        yield _chunk_row(shard, len(group), chunk, current)
+def make_plan(prompts: PromptsConfig, shard_size: int) -> ShardPlan:
+    return ShardPlan(tuple(list_inputs(prompts)), rows_per_shard(prompts, shard_size), prompts.limit)
 
 
-def write_plan(
-    prompts: Iterable[Prompt],
-    done_ids: set[str],
-    used_shards: set[int],
-    shard_size: int,
-    batch_size: int,
-    path: Path,
-    rows_per_group: int = 256,
-) -> PlanSummary:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    summary = PlanSummary(path=path)
-    free_numbers = (n for n in count() if n not in used_shards)
-    buffered: list[dict] = []
-    with pq.ParquetWriter(path, PLAN_SCHEMA) as writer:
+def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
 
-        def flush():
-            if buffered:
-                writer.write_table(pa.Table.from_pylist(buffered, schema=PLAN_SCHEMA))
-                buffered.clear()
 
-        def emit(group: list[Prompt]):
-            shard = next(free_numbers)
-            summary.shards += 1
-            for row in shard_chunks(shard, group, batch_size):
-                buffered.append(row)
-                summary.chunks += 1
-                if len(buffered) >= rows_per_group:
-                    flush()
-
-        group: list[Prompt] = []
-        for p in prompts:
-            if p.id in done_ids:
-                summary.skipped_done += 1
-                continue
-            group.append(p)
-            summary.prompts += 1
-            summary.reader_rejected += bool(p.reject)
-            if len(group) == shard_size:
-                emit(group)
-                group = []
-        if group:
-            emit(group)
-        flush()
-    return summary
+def groups_of(plan: ShardPlan, rows: int = 1 << 20) -> int:
+    """Shards per group for passes that work on ~`rows` input rows at a time."""
+    return max(1, math.ceil(rows / plan.rows_per_shard))

@@ -1,8 +1,11 @@
-"""Prompt reader: LAION-style parquet files → a stream of prompts with stable ids and seeds.
+"""Prompt input: LAION-style parquet files → prompts with stable ids, seeds and reader verdicts.
 
-Streaming: files are read in row batches, so memory does not grow with the input (the dedup set
-holds one 8-byte digest per distinct prompt). Invalid prompts are yielded too, with the reason
-they are rejected, so that the shard index records every row the run was given.
+Nothing here holds the whole input: the driver reads only file footers (row counts), and each
+shard reads its own row range where it runs. A row's id is its given id (`id_column`) or a hash of
+its file name and row number; its seed derives from the id alone, so a regenerated sample is
+identical. Invalid prompts are kept with the reason they are rejected, so that the shard index
+records every row the run was given. Duplicates are found by the distributed pre-pass in
+`pipelines/dedup.py`, whose masks `shard_prompts` applies.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 
 from layton.config import PromptsConfig
+from layton.storage import is_uri, open_uri
 
 _KEY_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -31,6 +34,13 @@ class Prompt:
     reject: str = ""  # reason the reader rejects it; "" = valid
 
 
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # absolute local path or URI
+    name: str  # file name: part of the id of every row without a given id
+    rows: int
+
+
 def _digest(*parts: object) -> bytes:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
 
@@ -38,6 +48,11 @@ def _digest(*parts: object) -> bytes:
 def prompt_id(source: str, row: int) -> str:
     """Id of a row without an id column: hash of the file name and row number."""
     return _digest(source, row).hex()[:20]
+
+
+def duplicate_id_key(source: str, row: int) -> str:
+    """The key of a row whose given id repeats an earlier row's: it must not share that key."""
+    return prompt_id(f"{source}#dup", row)
 
 
 def key_for(given_id: str) -> str:
@@ -50,44 +65,105 @@ def prompt_seed(pid: str, global_seed: int) -> int:
     return int.from_bytes(_digest("seed", global_seed, pid)[:4], "little") & 0x7FFFFFFF
 
 
-def _in_sample(pid: str, fraction: float | None, seed: int) -> bool:
+def text_digest(text: str) -> bytes:
+    """16 bytes per prompt text: collisions stay improbable (< 1e-18) at billions of prompts."""
+    return _digest("text", text.strip())[:16]
+
+
+def id_digest(pid: str) -> bytes:
+    return _digest("id", pid)[:16]
+
+
+def in_sample(pid: str, fraction: float | None, seed: int) -> bool:
     if fraction is None:
         return True
     return int.from_bytes(_digest("sample", seed, pid)[:8], "little") / 2**64 < fraction
 
 
-def resolve_paths(patterns: list[str]) -> list[Path]:
-    """Parquet files named by paths, directories or globs, in a stable (sorted) order."""
-    files: list[Path] = []
+def resolve_paths(patterns: list[str]) -> list[str]:
+    """Parquet files named by paths, directories or globs (local), or URIs of files or
+    directories, in a stable (sorted) order."""
+    files: list[str] = []
     for pattern in patterns:
-        p = Path(pattern)
-        if p.is_dir():
-            found = sorted(p.rglob("*.parquet"))
-        elif any(c in pattern for c in "*?["):
-            found = sorted(Path(f) for f in glob.glob(pattern, recursive=True))
+        if is_uri(pattern):
+            from pyarrow import fs as pafs
+
+            fs, base = open_uri(pattern)
+            info = fs.get_file_info(base)
+            if info.type == pafs.FileType.Directory:
+                found = sorted(f"{pattern.rstrip('/')}/{i.path[len(base.rstrip('/')) + 1:]}"
+                               for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                               if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+            else:
+                found = [pattern] if info.type == pafs.FileType.File else []
         else:
-            found = [p] if p.is_file() else []
+            p = Path(pattern)
+            if p.is_dir():
+                found = [str(f.resolve()) for f in sorted(p.rglob("*.parquet"))]
+            elif any(c in pattern for c in "*?["):
+                found = [str(Path(f).resolve()) for f in sorted(glob.glob(pattern, recursive=True))]
+            else:
+                found = [str(p.resolve())] if p.is_file() else []
         if not found:
             raise FileNotFoundError(f"prompts.paths: {pattern} matches no parquet file")
         files.extend(found)
     return files
 
 
-def check_prompt_files(cfg: PromptsConfig) -> list[Path]:
-    """Fail before any cluster work when a file is missing, unreadable or lacks a column."""
-    files = resolve_paths(cfg.paths)
-    for f in files:
+def _parquet(path: str) -> pq.ParquetFile:
+    if is_uri(path):
+        fs, inner = open_uri(path)
+        return pq.ParquetFile(fs.open_input_file(inner))
+    return pq.ParquetFile(path)
+
+
+def list_inputs(cfg: PromptsConfig) -> list[InputFile]:
+    """Every input file with its row count, from the footers alone. Fails, before any cluster
+    work, on a missing or unreadable file, a missing column, or two files whose rows would get
+    the same ids."""
+    inputs, names = [], {}
+    for path in resolve_paths(cfg.paths):
         try:
-            names = pq.ParquetFile(f).schema_arrow.names
+            f = _parquet(path)
+            columns, rows = f.schema_arrow.names, f.metadata.num_rows
         except Exception as e:
-            raise ValueError(f"prompts.paths: {f} is not a readable parquet file ({e})") from None
+            raise ValueError(f"prompts.paths: {path} is not a readable parquet file ({e})") from None
         for col in filter(None, (cfg.text_column, cfg.id_column)):
-            if col not in names:
-                raise ValueError(f"prompts: {f} has no column {col!r} (columns: {', '.join(names)})")
-    return files
+            if col not in columns:
+                raise ValueError(f"prompts: {path} has no column {col!r} (columns: {', '.join(columns)})")
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if not cfg.id_column and name in names:
+            raise ValueError(f"prompts.paths: {names[name]} and {path} share the file name that prompt ids are "
+                             "made from; rename one or set prompts.id_column")
+        names[name] = path
+        inputs.append(InputFile(path, name, rows))
+    return inputs
 
 
-def _reject_reason(text: object, max_chars: int) -> str:
+def check_prompt_files(cfg: PromptsConfig) -> list[InputFile]:
+    return list_inputs(cfg)
+
+
+def read_rows(f: InputFile, start: int, stop: int, columns: list[str]) -> dict[str, list]:
+    """Rows [start, stop) of a file: only the row groups that hold them are read."""
+    try:
+        pf = _parquet(f.path)
+        groups, first, offset = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        if not groups:
+            return {c: [] for c in columns}
+        table = pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+        return {c: table.column(c).to_pylist() for c in columns}
+    except Exception as e:
+        raise OSError(f"prompts: {f.path}: rows {start}-{stop}: {type(e).__name__}: {e}") from None
+
+
+def reject_reason(text: object, max_chars: int) -> str:
     if text is None:
         return "null_prompt"
     if not isinstance(text, str):
@@ -99,41 +175,30 @@ def _reject_reason(text: object, max_chars: int) -> str:
     return ""
 
 
-def read_prompts(cfg: PromptsConfig, global_seed: int = 0, batch_rows: int = 8192) -> Iterator[Prompt]:
-    """Every selected row of every file, in file then row order."""
-    seen_text: set[bytes] = set()
-    seen_id: set[bytes] = set()
-    emitted = 0
-    for f in check_prompt_files(cfg):
-        columns = [c for c in (cfg.text_column, cfg.id_column) if c]
-        row = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
-            texts = batch.column(cfg.text_column).to_pylist()
-            ids = batch.column(cfg.id_column).to_pylist() if cfg.id_column else None
-            for i, text in enumerate(texts):
-                pid = key_for(str(ids[i])) if ids is not None else prompt_id(f.name, row)
-                row += 1
-                if not _in_sample(pid, cfg.sample_fraction, cfg.sample_seed):
-                    continue
-                reason = _reject_reason(text, cfg.max_chars)
-                d = _digest("id", pid)[:8]
-                if d in seen_id:
-                    # A repeated id (or two files of one name) must not share a key: give it its own.
-                    pid, reason = prompt_id(f"{f}#dup", row - 1), "duplicate_id"
-                seen_id.add(d)
-                if not reason and cfg.dedup:
-                    d = _digest("text", text.strip())[:8]
-                    if d in seen_text:
-                        reason = "duplicate_prompt"
-                    seen_text.add(d)
-                yield Prompt(
-                    id=pid,
-                    text=text if isinstance(text, str) else "",
-                    seed=prompt_seed(pid, global_seed),
-                    source=f.name,
-                    row=row - 1,
-                    reject=reason,
-                )
-                emitted += 1
-                if cfg.limit is not None and emitted >= cfg.limit:
-                    return
+def selected_rows(cfg: PromptsConfig, f: InputFile, start: int, stop: int) -> list[tuple[int, str, object, str]]:
+    """(row, id, text, reader verdict) of the rows in [start, stop) that the sample selects."""
+    columns = [c for c in (cfg.text_column, cfg.id_column) if c]
+    data = read_rows(f, start, stop, columns)
+    texts = data[cfg.text_column]
+    ids = data[cfg.id_column] if cfg.id_column else None
+    out = []
+    for i, text in enumerate(texts):
+        row = start + i
+        pid = key_for(str(ids[i])) if ids is not None else prompt_id(f.name, row)
+        if in_sample(pid, cfg.sample_fraction, cfg.sample_seed):
+            out.append((row, pid, text, reject_reason(text, cfg.max_chars)))
+    return out
+
+
+def shard_prompts(cfg: PromptsConfig, global_seed: int, f: InputFile, start: int, stop: int,
+                  dup_ids: set[int] = frozenset(), dup_texts: set[int] = frozenset()) -> list[Prompt]:
+    """The prompts of rows [start, stop) of `f`, in row order, with the dedup pass's verdicts
+    (`dup_*`: row numbers whose id / text repeats an earlier row's)."""
+    prompts = []
+    for row, pid, text, reason in selected_rows(cfg, f, start, stop):
+        if row in dup_ids:
+            pid, reason = duplicate_id_key(f.name, row), "duplicate_id"
+        elif not reason and row in dup_texts:
+            reason = "duplicate_prompt"
+        prompts.append(Prompt(pid, text if isinstance(text, str) else "", prompt_seed(pid, global_seed), f.name, row, reason))
+    return prompts

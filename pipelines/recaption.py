@@ -5,7 +5,9 @@ Two back ends with the same prompt and the same greedy decoding:
 - `TransformersRecaptioner`: transformers `generate` in-process; runs anywhere (the CPU tests,
   the embedded default with the tiny zoo model), one batched call per `caption(...)`.
 - `build_vllm_recaptioner`: a Ray Data LLM processor (`ray.data.llm`) running vLLM engines on
-  GPUs; maps a Dataset of sample rows to the same rows plus a `recaption` column.
+  GPUs; maps a Dataset of sample rows to the same rows plus a `recaption` column. In synthesis
+  only accepted samples become requests (`vllm_rows`), with one cheap carrier request per shard
+  holding the rest of the shard; `ShardAssembler` puts each shard back together and writes it.
 
 The instruction is a user turn holding the image and a text part; an optional `{prompt}`
 placeholder in the instruction is replaced by the sample's generation prompt.
@@ -14,13 +16,13 @@ placeholder in the instruction is replaced by the sample's generation prompt.
 from __future__ import annotations
 
 import base64
-import io
+import json
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-from pipelines.chunks import ACCEPTED
+from pipelines.shard_rows import ACCEPTED, FAILED, SAMPLE_COLUMNS, indices_with
 
 DEFAULT_INSTRUCTION = "Describe this image in detail."
 
@@ -120,20 +122,22 @@ ENGINE_COLUMNS = frozenset(
 _COLUMNS_KEY = "layton_columns"  # original column names, in order
 _STASH_KEY = "layton_stash"  # original values of columns in ENGINE_COLUMNS
 
-# Rows that are not accepted still pass through the engine (the processor maps every row; the
-# caller keeps them for the shard index), but as the cheapest request of the same shape: a 28x28
-# black image (Qwen2-VL's minimum resize makes it 56x56, i.e. 4 vision tokens) and max_tokens=1.
-# The same message structure for every row keeps the Arrow schema of `messages` uniform.
-_PLACEHOLDER_IMAGE = np.zeros((28, 28, 3), dtype=np.uint8)
+# A request that carries no image to caption (a shard's carrier row) is the cheapest request of
+# the same shape: a 28x28 black image (Qwen2-VL's minimum resize makes it 56x56, i.e. 4 vision
+# tokens) and max_tokens=1. The same message structure for every row keeps the Arrow schema of
+# `messages` uniform.
+_PLACEHOLDER_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAIAAAD9b0jDAAAAGUlEQVR4nO3BMQEAAADCoPVPbQdvoAAAeA0JTAAB9ZfCmAAAAABJRU5ErkJggg=="
+)
+_MIME = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/webp"}
 
 
-def image_data_url(image: np.ndarray) -> str:
-    """PNG data URL of an HxWx3 uint8 image: lossless, and a plain string through Arrow."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+def image_data_url(data: bytes) -> str:
+    """Data URL of an encoded image, as stored (no re-encoding): a plain string through Arrow."""
+    mime = _MIME.get(bytes(data[:2]))
+    if mime is None:
+        raise ValueError("image bytes are not JPEG, PNG or WebP")
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 def vllm_preprocess_row(
@@ -144,7 +148,7 @@ def vllm_preprocess_row(
     Greedy (temperature 0) as the transformers back end. Returned keys are merged into the row.
     """
     accepted = row["status"] == ACCEPTED
-    image = row["image"] if accepted else _PLACEHOLDER_IMAGE
+    image = row["image"] if accepted else _PLACEHOLDER_PNG
     # The engine stage reads a `model` column as a LoRA adapter name when it differs from the
     # engine's model: an input column of that name must read as the base model on the way through.
     override = {}
@@ -169,10 +173,12 @@ def vllm_preprocess_row(
 
 
 def vllm_postprocess_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Engine output row -> the original columns (restored) plus `recaption` ('' if not accepted)."""
+    """Engine output row -> the original columns (restored) plus `recaption` ('' if not accepted)
+    and `recaption_error` (the engine's error for this request, '' if none)."""
     stash = row[_STASH_KEY]
     out = {c: stash[c] if c in stash else row[c] for c in row[_COLUMNS_KEY]}
     out["recaption"] = str(row.get("generated_text") or "").strip() if out["status"] == ACCEPTED else ""
+    out["recaption_error"] = str(row.get("__inference_error__") or "")
     return out
 
 
@@ -202,6 +208,7 @@ def vllm_processor_config(
     }
     return vLLMEngineProcessorConfig(
         model_source=str(model_path),
+        should_continue_on_error=True,  # a failing request is a failed sample, not a failed run
         engine_kwargs=kwargs,
         concurrency=concurrency,
         batch_size=batch_size,
@@ -256,3 +263,65 @@ def build_vllm_recaptioner(
         ),
         postprocess=vllm_postprocess_row,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Synthesis through vLLM: shard rows -> requests -> shard rows again
+# --------------------------------------------------------------------------------------------
+
+CARRIER = "carrier"  # status of a shard's carrier row
+
+
+def vllm_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A scored shard row -> one request row per accepted sample, plus the shard's carrier: the
+    whole shard without images (JSON), which also tells the assembler how many requests to await."""
+    accepted = indices_with(row, ACCEPTED)
+    carried = {k: row[k] for k in SAMPLE_COLUMNS if k != "image"} | {"processed_by": row.get("processed_by", "{}")}
+    common = {"shard": row["shard"], "requests": len(accepted)}
+    out = [{**common, "index": i, "prompt": row["prompts"][i], "status": ACCEPTED, "image": row["image"][i], "carried": ""}
+           for i in accepted]
+    out.append({**common, "index": -1, "prompt": "", "status": CARRIER, "image": b"", "carried": json.dumps(carried)})
+    return out
+
+
+def assemble(carrier: dict[str, Any], captioned: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shard row again, with the captions (or the engine's error) of its accepted samples."""
+    row = json.loads(carrier["carried"])
+    row["shard"] = carrier["shard"]
+    row["image"] = [b""] * len(row["ids"])
+    for r in captioned:
+        i = r["index"]
+        if r["recaption_error"]:
+            row["status"][i], row["reason"][i] = FAILED, "recaption_error: " + " ".join(r["recaption_error"].split())[:200]
+        elif not r["recaption"].strip():
+            row["status"][i], row["reason"][i] = FAILED, "empty_recaption"
+        else:
+            row["recaption"][i], row["image"][i] = r["recaption"], r["image"]
+    return row
+
+
+class ShardAssembler:
+    """Collects a shard's request rows as they leave the engines, and writes the shard when its
+    carrier and every request have arrived. One actor (`size=1`) sees every row; partial shards
+    wait in its memory, so a lost assembler loses those shards (a rerun redoes them)."""
+
+    def __init__(self, out: str, meta: dict, image_ext: str):
+        from layton.storage import Root
+
+        self.root, self.meta, self.image_ext = Root(out), meta, image_ext
+        self.pending: dict[int, list[dict]] = {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from pipelines.shard_rows import unpack
+        from pipelines.stages import write_shard
+
+        stats = []
+        for r in unpack(batch):
+            got = self.pending.setdefault(r["shard"], [])
+            got.append(r)
+            carrier = next((x for x in got if x["status"] == CARRIER), None)
+            if carrier is not None and len(got) == carrier["requests"] + 1:
+                del self.pending[r["shard"]]
+                row = assemble(carrier, [x for x in got if x is not carrier])
+                stats.append(json.dumps(write_shard(self.root, row, self.meta, self.image_ext)))
+        return {"stats": np.array(stats, dtype=object)}

@@ -1,15 +1,17 @@
 """Shard output: webdataset tars, a parquet index per shard, `_stats.json` last.
 
-Layout of an output directory:
+Layout of an output directory (a local path or any URI pyarrow/fsspec opens):
 
-    manifest.json          config, model ids, thresholds (written when a run starts)
+    manifest.json          config, model ids, thresholds, the plan's inputs (written when a run starts)
     config.yaml            the resolved config
     00000.tar              accepted samples: KEY.jpg|png|webp, KEY.txt (recaption), KEY.json
     00000.parquet          every prompt the shard handled, accepted or not, with scores and reason
-    00000_stats.json       counts and score summaries; written last: the completion marker
+    00000_stats.json       counts, score summaries and who wrote it; written last: the completion record
+    _dedup/                the dedup pre-pass's output
 
-A shard is written to `*.tmp` names and renamed when whole; `_stats.json` also records the tar's
-size, so a tar truncated after the fact is not taken as complete either.
+Shards are written where the pipeline runs (a Ray Data task per shard), each file atomically
+(`Root.write`); `_stats.json` also records the tar's size, so a tar truncated after the fact is
+not taken as complete either.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import io
 import json
 import math
 import os
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from pipelines.chunks import ACCEPTED, FAILED, REJECTED
+from layton.storage import Root
+from pipelines.shard_rows import ACCEPTED, FAILED, REJECTED
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -44,70 +48,59 @@ INDEX_SCHEMA = pa.schema(
         ("recaption", pa.string()),
     ]
 )
+STATS_SUFFIX = "_stats.json"
 
 
 def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _root(out: Root | str | Path) -> Root:
+    return out if isinstance(out, Root) else Root(out)
 
 
-def read_stats(out_dir: Path, shard: int) -> dict | None:
-    """The shard's stats if the shard is complete and its tar intact, else None."""
-    stats_path = out_dir / f"{shard_name(shard)}_stats.json"
-    tar = out_dir / f"{shard_name(shard)}.tar"
-    index = out_dir / f"{shard_name(shard)}.parquet"
-    try:
-        stats = json.loads(stats_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if not index.is_file() or not tar.is_file() or tar.stat().st_size != stats.get("tar_bytes"):
-        return None
-    return stats
+def shard_number(name: str) -> int | None:
+    """The shard a file of the output belongs to (00012.tar, 00012_stats.json, 00012.tar.tmp-...)."""
+    stem = name.split(".")[0].split("_")[0]
+    return int(stem) if stem.isdigit() and len(stem) >= 5 else None
 
 
-def complete_shards(out_dir: Path) -> dict[int, dict]:
-    """Shard number → stats for every complete shard."""
+def complete_shards(out: Root | str | Path) -> dict[int, dict]:
+    """Shard number → stats for every complete shard: a completion record whose tar and index
+    exist, the tar of the recorded size. One listing, then one read per completion record."""
+    root = _root(out)
+    files = root.list()
     found = {}
-    for p in sorted(Path(out_dir).glob("*_stats.json")):
-        name = p.name[: -len("_stats.json")]
-        if name.isdigit() and (stats := read_stats(out_dir, int(name))) is not None:
-            found[int(name)] = stats
+    for name in sorted(files):
+        if not name.endswith(STATS_SUFFIX) or (shard := shard_number(name)) is None:
+            continue
+        try:
+            stats = json.loads(root.read(name) or b"")
+        except json.JSONDecodeError:
+            continue
+        base = name[: -len(STATS_SUFFIX)]
+        if f"{base}.parquet" in files and files.get(f"{base}.tar") == stats.get("tar_bytes"):
+            found[shard] = stats
     return found
 
 
-def remove_incomplete(out_dir: Path, complete: set[int]) -> list[str]:
-    """Delete what a killed run left: temp files and the pieces of shards without a valid marker."""
+def remove_incomplete(out: Root | str | Path, complete: set[int]) -> list[str]:
+    """Delete what a killed run left: temp files and the pieces of shards without a valid record."""
+    root = _root(out)
     removed = []
-    for p in sorted(Path(out_dir).iterdir()):
-        stem = p.name.split(".")[0].split("_")[0]
-        if p.name.endswith(".tmp") or (stem.isdigit() and len(stem) == 5 and int(stem) not in complete):
-            p.unlink()
-            removed.append(p.name)
+    for name in sorted(root.list()):
+        shard = shard_number(name)
+        if ".tmp" in name and shard is not None or (shard is not None and shard not in complete):
+            root.delete(name)
+            removed.append(name)
     return removed
 
 
-def handled_ids(out_dir: Path, shards: dict[int, dict]) -> set[str]:
-    """Prompt keys already recorded (accepted or not) by complete shards."""
-    ids: set[str] = set()
-    for shard in shards:
-        table = pq.read_table(Path(out_dir) / f"{shard_name(shard)}.parquet", columns=["key"])
-        ids.update(table.column("key").to_pylist())
-    return ids
-
-
-def read_index(out_dir: Path, shards: dict[int, dict] | None = None) -> pa.Table:
+def read_index(out: Root | str | Path, shards: dict[int, dict] | None = None) -> pa.Table:
     """The concatenated index of the complete shards."""
-    out_dir = Path(out_dir)
-    shards = complete_shards(out_dir) if shards is None else shards
-    tables = [pq.read_table(out_dir / f"{shard_name(s)}.parquet") for s in sorted(shards)]
+    root = _root(out)
+    shards = complete_shards(root) if shards is None else shards
+    tables = [pq.read_table(io.BytesIO(root.read(f"{shard_name(s)}.parquet"))) for s in sorted(shards)]
     return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
 
 
@@ -118,19 +111,33 @@ def _summary(values: list[float]) -> dict | None:
     return {"min": min(vals), "mean": float(np.mean(vals)), "max": max(vals), "n": len(vals)}
 
 
-class ShardWriter:
-    """Writes one shard: samples stream into a temp tar; index and stats are written on close."""
+def writer_identity() -> dict:
+    """Where a shard was written: the Ray node, host and process."""
+    node = None
+    try:
+        import ray
 
-    def __init__(self, out_dir: Path, shard: int, total: int, sample_meta: dict[str, Any]):
-        self.out_dir, self.shard, self.total = Path(out_dir), shard, total
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 — identity is informative only
+        pass
+    return {"node_id": node, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+class ShardWriter:
+    """Writes one shard: samples are added in order; close writes tar, index, then `_stats.json`.
+
+    The tar is built in memory (a shard's encoded images), so nothing partial ever reaches the
+    output: each file lands whole, and the completion record last.
+    """
+
+    def __init__(self, out: Root | str | Path, shard: int, total: int, sample_meta: dict[str, Any]):
+        self.root, self.shard, self.total = _root(out), shard, total
         self.sample_meta = sample_meta  # generator settings and model ids for every KEY.json
-        self.tar_path = self.out_dir / f"{shard_name(shard)}.tar"
-        self._tmp = self.tar_path.with_name(self.tar_path.name + ".tmp")
-        self._file = open(self._tmp, "wb")
+        self._buf = io.BytesIO()
         # mtime fixed so a regenerated shard is byte-identical.
-        self._tar = wds.TarWriter(self._file, mtime=0.0)
+        self._tar = wds.TarWriter(self._buf, mtime=0.0)
         self.rows: list[dict] = []
-        self.started = time.time()
 
     @property
     def done(self) -> bool:
@@ -158,14 +165,15 @@ class ShardWriter:
             )
         self.rows.append({name: sample.get(name) for name in INDEX_SCHEMA.names})
 
-    def close(self) -> dict:
-        """Finish the shard: tar renamed, index written, `_stats.json` last. Returns the stats."""
-        self._tar.close()  # closes the file too
-        os.replace(self._tmp, self.tar_path)
+    def close(self, processed_by: dict | None = None) -> dict:
+        """Finish the shard: tar, index, then `_stats.json`, each written whole. Returns the stats."""
+        self._tar.close()
+        tar = self._buf.getvalue()
         name = shard_name(self.shard)
+        self.root.write(f"{name}.tar", tar)
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(self.rows, schema=INDEX_SCHEMA), buf)
-        _atomic_write(self.out_dir / f"{name}.parquet", buf.getvalue())
+        self.root.write(f"{name}.parquet", buf.getvalue())
         status = Counter(r["status"] for r in self.rows)
         reasons = Counter(reason for r in self.rows if r["reason"] for reason in r["reason"].split(";"))
         stats = {
@@ -177,25 +185,22 @@ class ShardWriter:
             "reasons": dict(sorted(reasons.items())),
             "imagereward": _summary([r["imagereward"] for r in self.rows]),
             "mps": _summary([r["mps"] for r in self.rows]),
-            "tar_bytes": self.tar_path.stat().st_size,
-            "seconds": round(time.time() - self.started, 3),
+            "tar_bytes": len(tar),
+            # Who and when: the only fields that differ between two writes of one shard.
+            "writer": {**writer_identity(), "finished_at": round(time.time(), 3), "stages": processed_by or {}},
         }
-        _atomic_write(self.out_dir / f"{name}_stats.json", json.dumps(stats, indent=1).encode())
+        self.root.write(f"{name}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
         return stats
 
-    def abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
 
-
-def write_image_shards(out_dir: Path, samples: list[tuple[str, str, bytes, str]], shard_size: int = 1000) -> dict[int, dict]:
+def write_image_shards(out_dir: Root | str | Path, samples: list[tuple[str, str, bytes, str]], shard_size: int = 1000) -> dict[int, dict]:
     """Shards of images made elsewhere: (key, caption, encoded image, extension) per sample.
 
     Every sample is recorded as accepted, without scores; the result reads like a synthesis output
     (tests and benchmarks train on real photographs through it).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _root(out_dir)
+    out_dir.mkdir()
     stats = {}
     for shard, start in enumerate(range(0, len(samples), shard_size)):
         chunk = samples[start : start + shard_size]

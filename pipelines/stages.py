@@ -1,8 +1,8 @@
-"""Ray Data stages of the synthesis pipeline: callable classes over chunk rows.
+"""Ray Data stages of the synthesis pipeline: callable classes over shard rows, and the writer.
 
-`__init__` loads the model once per actor; `__call__(batch)` maps a batch of chunk rows. Each class
-also has a plain `process(chunk)` that works without Ray. A failure is kept to the samples it
-concerns: a chunk whose model call raises is retried one sample at a time, and a sample that still
+`__init__` loads the model once per actor; `__call__(batch)` maps a batch of shard rows. Each class
+also has a plain `process(shard_row)` that works without Ray. A failure is kept to the samples it
+concerns: a model batch whose call raises is retried one sample at a time, and a sample that still
 fails is marked `failed` with the error as its reason; the run goes on.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import json
 import math
 import time
 from abc import ABC, abstractmethod
@@ -21,7 +22,9 @@ from PIL import Image
 
 from layton.config import GenerationConfig, RecaptionConfig, ScoringConfig
 from layton.devices import pick_device, pick_dtype
-from pipelines.chunks import ACCEPTED, FAILED, GENERATED, PENDING, REJECTED, indices_with, pack, unpack
+from layton.storage import Root
+from pipelines.shard_rows import ACCEPTED, FAILED, GENERATED, PENDING, REJECTED, batches, indices_with, pack, unpack
+from pipelines.shards import ShardWriter, writer_identity
 from pipelines.metrics import SynthMetrics
 
 log = logging.getLogger(__name__)
@@ -48,17 +51,26 @@ def run_isolated(stage: str, fn: Callable[[list[int]], None], idx: list[int], ro
         run_isolated(stage, fn, [i], row)
 
 
-class _ChunkStage(ABC):
-    """Shared Ray plumbing: batches of chunk rows in, batches of chunk rows out."""
+class _ShardStage(ABC):
+    """Shared Ray plumbing: batches of shard rows in, batches of shard rows out."""
 
     name = "stage"
+    batch_size = 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return pack([self.process(row) for row in unpack(batch)])
+        rows = [self.process(row) for row in unpack(batch)]
+        for row in rows:  # which process ran this stage on the shard: recorded in its stats
+            row["processed_by"] = json.dumps({**json.loads(row.get("processed_by") or "{}"), self.name: {**writer_identity(), "at": round(time.time(), 3)}})
+        return pack(rows)
 
     @abstractmethod
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
-        """One chunk row in, the same row with this stage's columns filled in out."""
+        """One shard row in, the same row with this stage's columns filled in out."""
+
+    def each_batch(self, row: dict[str, Any], statuses: str | tuple[str, ...], fn: Callable[[list[int]], None]) -> None:
+        """`fn` on the samples with `statuses`, in model batches cut in shard order, failures isolated."""
+        for idx in batches(indices_with(row, statuses), self.batch_size):
+            run_isolated(self.name, fn, idx, row)
 
     def _timed(self, fn: Callable[[], Any], items: int) -> Any:
         t0 = time.perf_counter()
@@ -67,15 +79,29 @@ class _ChunkStage(ABC):
         return out
 
 
-class GenerateStage(_ChunkStage):
-    """FLUX.1-dev text-to-image with diffusers' FluxPipeline; one seeded generator per prompt."""
+def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int) -> bytes:
+    buf = io.BytesIO()
+    options = {"quality": jpeg_quality} if image_format in ("jpg", "webp") else {}
+    Image.fromarray(image).save(buf, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[image_format], **options)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+class GenerateStage(_ShardStage):
+    """FLUX.1-dev text-to-image with diffusers' FluxPipeline; one seeded generator per prompt.
+    Images leave the stage encoded in the stored format."""
 
     name = "generate"
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, image_format: str = "png", jpeg_quality: int = 95):
         from diffusers import FluxPipeline
 
         self.cfg = GenerationConfig.model_validate(cfg)
+        self.batch_size = self.cfg.batch_size
+        self.image_format, self.jpeg_quality = image_format, jpeg_quality
         self.device = pick_device(self.cfg.resources.device)
         dtype = pick_dtype(self.cfg.dtype, self.device)
         self.pipe = FluxPipeline.from_pretrained(self.cfg.model, dtype=dtype).to(self.device)
@@ -101,32 +127,31 @@ class GenerateStage(_ChunkStage):
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
-        c = self.cfg
-        images = np.zeros((len(row["ids"]), c.height, c.width, 3), np.uint8)
+        row["image"] = [b""] * len(row["ids"])
 
         def run(idx: list[int]) -> None:
             out = self._timed(lambda: self.generate([row["prompts"][i] for i in idx], [row["seeds"][i] for i in idx]), len(idx))
             for j, i in enumerate(idx):
-                images[i] = out[j]
+                row["image"][i] = encode_image(out[j], self.image_format, self.jpeg_quality)
                 row["status"][i] = GENERATED
 
-        todo = indices_with(row, PENDING)
-        run_isolated(self.name, run, todo, row)
+        self.each_batch(row, PENDING, run)
         self.metrics.count("generated", len(indices_with(row, GENERATED)), "images generated")
-        row["images"] = images
         return row
 
 
-class ScoreStage(_ChunkStage):
-    """ImageReward and MPS against the original prompt, then the threshold filter."""
+class ScoreStage(_ShardStage):
+    """ImageReward and MPS of the stored image against the original prompt, then the threshold
+    filter. The images of samples that are not accepted are dropped here: they are never stored."""
 
     name = "score"
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, batch_size: int = 1):
         from layton.scorers.imagereward import ImageRewardScorer
         from layton.scorers.mps import MPSScorer
 
         self.cfg = ScoringConfig.model_validate(cfg)
+        self.batch_size = batch_size
         device = pick_device(self.cfg.resources.device)
         dtype = pick_dtype(self.cfg.dtype, device)
         ir = self.cfg.imagereward
@@ -139,7 +164,7 @@ class ScoreStage(_ChunkStage):
 
         def run(idx: list[int]) -> None:
             prompts = [row["prompts"][i] for i in idx]
-            pils = [Image.fromarray(row["images"][i]) for i in idx]
+            pils = [decode_image(row["image"][i]) for i in idx]
             ir, mps = self._timed(lambda: (self.imagereward.score(prompts, pils), self.mps.score(prompts, pils)), len(idx))
             self.metrics.scores(list(map(float, ir)), list(map(float, mps)))
             for j, i in enumerate(idx):
@@ -152,21 +177,24 @@ class ScoreStage(_ChunkStage):
                 row["status"][i] = REJECTED if reasons else ACCEPTED
                 row["reason"][i] = ";".join(reasons)
 
-        run_isolated(self.name, run, indices_with(row, GENERATED), row)
+        self.each_batch(row, GENERATED, run)
         for reason in (r for i in indices_with(row, REJECTED) for r in row["reason"][i].split(";") if "threshold" in r):
             self.metrics.count("rejected", 1, "samples rejected", reason=reason)
+        row["image"] = [b if s == ACCEPTED else b"" for b, s in zip(row["image"], row["status"])]
         return row
 
 
-class RecaptionStage(_ChunkStage):
-    """Qwen2-VL recaption with transformers (the CPU path; vLLM runs through ray.data.llm)."""
+class RecaptionStage(_ShardStage):
+    """Qwen2-VL recaption of the stored image with transformers (the CPU path; vLLM runs through
+    ray.data.llm)."""
 
     name = "recaption"
 
-    def __init__(self, cfg: dict, statuses: tuple[str, ...] = (ACCEPTED,)):
+    def __init__(self, cfg: dict, statuses: tuple[str, ...] = (ACCEPTED,), batch_size: int = 1):
         from pipelines.recaption import TransformersRecaptioner
 
         self.cfg = RecaptionConfig.model_validate(cfg)
+        self.batch_size = batch_size
         device = pick_device(self.cfg.resources.device)
         self.model = TransformersRecaptioner(
             self.cfg.model,
@@ -180,13 +208,13 @@ class RecaptionStage(_ChunkStage):
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
         def run(idx: list[int]) -> None:
-            pils = [Image.fromarray(row["images"][i]) for i in idx]
+            pils = [decode_image(row["image"][i]) for i in idx]
             prompts = [row["prompts"][i] for i in idx]
             captions = self._timed(lambda: self.model.caption(pils, prompts), len(idx))
             for j, i in enumerate(idx):
                 row["recaption"][i] = captions[j]
 
-        run_isolated(self.name, run, indices_with(row, self.statuses), row)
+        self.each_batch(row, self.statuses, run)
         mark_empty_captions(row, self.statuses)
         return row
 
@@ -196,39 +224,17 @@ def mark_empty_captions(row: dict[str, Any], statuses: tuple[str, ...]) -> None:
     for i in indices_with(row, statuses):
         if not row["recaption"][i].strip():
             row["status"][i], row["reason"][i] = FAILED, "empty_recaption"
+            row["image"][i] = b""
 
 
-def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int) -> bytes:
-    buf = io.BytesIO()
-    options = {"quality": jpeg_quality} if image_format in ("jpg", "webp") else {}
-    Image.fromarray(image).save(buf, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[image_format], **options)
-    return buf.getvalue()
+def _none_for_nan(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
 
 
-def _none_for_nan(values: list[float]) -> list[float | None]:
-    return [None if v is None or math.isnan(v) else v for v in values]
-
-
-def encode_chunks(batch: dict[str, np.ndarray], image_format: str, jpeg_quality: int) -> dict[str, Any]:
-    """Last stage before the writer: accepted images → encoded bytes; the raw tensors are dropped."""
-    rows = unpack(batch)
-    for row in rows:
-        row["image_bytes"] = [
-            encode_image(row["images"][i], image_format, jpeg_quality) if s == ACCEPTED else b""
-            for i, s in enumerate(row["status"])
-        ]
-        del row["images"]
-        row["imagereward"], row["mps"] = _none_for_nan(row["imagereward"]), _none_for_nan(row["mps"])
-    return pack(rows)
-
-
-def explode(row: dict[str, Any], with_images: bool = False) -> list[dict[str, Any]]:
-    """A chunk row → one dict per sample, the form the shard writer (and vLLM) take."""
-    samples = []
-    for i, key in enumerate(row["ids"]):
-        s = {
-            "shard": row["shard"],
-            "shard_total": row["shard_total"],
+def samples(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A shard row → one dict per sample, the form the shard writer takes."""
+    return [
+        {
             "key": key,
             "prompt": row["prompts"][i],
             "seed": row["seeds"][i],
@@ -236,29 +242,24 @@ def explode(row: dict[str, Any], with_images: bool = False) -> list[dict[str, An
             "row": row["rows"][i],
             "status": row["status"][i],
             "reason": row["reason"][i],
-            "imagereward": _none_for_nan([row["imagereward"][i]])[0],
-            "mps": _none_for_nan([row["mps"][i]])[0],
+            "imagereward": _none_for_nan(row["imagereward"][i]),
+            "mps": _none_for_nan(row["mps"][i]),
             "recaption": row["recaption"][i],
+            "image": row["image"][i],
         }
-        if with_images:
-            # vLLM gets the pixels of accepted samples only; others carry a 1x1 placeholder.
-            s["image"] = row["images"][i] if s["status"] == ACCEPTED else np.zeros((1, 1, 3), np.uint8)
-        else:
-            s["image_bytes"] = row["image_bytes"][i]
-        samples.append(s)
-    return samples
+        for i, key in enumerate(row["ids"])
+    ]
 
 
-def explode_for_vllm(row: dict[str, Any]) -> list[dict[str, Any]]:
-    return explode(row, with_images=True)
+def write_shard(root: Root, row: dict[str, Any], meta: dict, image_ext: str) -> dict:
+    """One finished shard row → tar, index and completion record. Returns the stats."""
+    writer = ShardWriter(root, row["shard"], len(row["ids"]), meta)
+    for s in samples(row):
+        writer.add(s, s["image"], image_ext)
+    return writer.close(processed_by=json.loads(row.get("processed_by") or "{}"))
 
 
-def encode_samples(batch: dict[str, np.ndarray], image_format: str, jpeg_quality: int) -> dict[str, Any]:
-    """vLLM path: per-sample rows after recaptioning → encoded bytes, raw pixels dropped."""
-    images = batch.pop("image")
-    status = batch["status"]
-    batch["image_bytes"] = np.array(
-        [encode_image(images[i], image_format, jpeg_quality) if status[i] == ACCEPTED else b"" for i in range(len(status))],
-        dtype=object,
-    )
-    return batch
+def write_shards(batch: dict[str, np.ndarray], out: str, meta: dict, image_ext: str) -> dict[str, Any]:
+    """The last Ray Data stage: writes each shard where it runs; only a stats row goes on."""
+    root = Root(out)
+    return {"stats": np.array([json.dumps(write_shard(root, row, meta, image_ext)) for row in unpack(batch)], dtype=object)}

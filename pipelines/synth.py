@@ -1,10 +1,11 @@
 """The synthesis run: prompts → FLUX images → scores → recaptions → shards, resumable.
 
 Order of work: every check that can fail (config, prompt files, model files, manifest) runs
-before Ray starts. Then the output directory is scanned: complete shards are kept, anything a
-killed run left is removed, and the plan covers exactly the prompts no complete shard recorded.
-The Ray Data pipeline streams chunk rows through the stage actors; the driver writes shards as
-their samples arrive and finishes each one when all its prompts are in.
+before Ray starts. The plan is a pure function of the input (`pipelines/plan.py`); the output is
+listed once: complete shards are kept, anything a killed run left is removed, and the rest of the
+plan's shards are the work. The dedup pre-pass runs in the cluster (once; its output is kept).
+Then Ray Data streams one row per shard through reading, the stage actors and the writer, which
+writes each shard where it runs; the driver receives small stats rows only.
 """
 
 from __future__ import annotations
@@ -12,33 +13,28 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import ray
+import yaml
 
-from layton.config import SynthConfig, save_config
+from layton.config import SynthConfig
 from layton.model_files import check_synth_models
 from layton.ray_cluster import init_ray
-from pipelines.chunks import ACCEPTED, GENERATED, unpack
+from layton.storage import Root
+from pipelines.dedup import run_dedup, shard_duplicates
 from pipelines.metrics import SynthMetrics
-from pipelines.plan import PlanSummary, write_plan
-from pipelines.prompts import check_prompt_files, read_prompts
-from pipelines.shards import ShardWriter, complete_shards, handled_ids, remove_incomplete
-from pipelines.stages import (
-    GenerateStage,
-    RecaptionStage,
-    ScoreStage,
-    encode_chunks,
-    encode_samples,
-    explode,
-    explode_for_vllm,
-    mark_empty_captions,
-)
+from pipelines.plan import ShardPlan, make_plan
+from pipelines.prompts import shard_prompts
+from pipelines.shard_rows import ACCEPTED, GENERATED, PENDING, REJECTED, pack
+from pipelines.shards import complete_shards, remove_incomplete
+from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage, write_shards
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+READER_REASONS = {"null_prompt", "non_string_prompt", "empty_prompt", "prompt_too_long", "duplicate_prompt", "duplicate_id"}
 
 
 class ResumeConflict(RuntimeError):
@@ -50,12 +46,14 @@ class SynthResult:
     out_dir: str
     shards_written: int = 0
     shards_skipped: int = 0
+    shards_planned: int = 0  # shards this invocation set out to write
     prompts: int = 0
     accepted: int = 0
     rejected: int = 0
     failed: int = 0
     seconds: float = 0.0
     plan: dict = field(default_factory=dict)
+    dedup: dict = field(default_factory=dict)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -70,22 +68,23 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare_output(config: SynthConfig, force: bool) -> Path:
-    """Create the output directory, or check that it holds a run of the same settings."""
-    out = Path(config.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        changes = _diff(old.get("settings", {}), config.fingerprint())
+def prepare_output(config: SynthConfig, plan: ShardPlan, force: bool) -> Root:
+    """Create the output directory, or check that it holds a run of the same settings and input."""
+    root = Root(config.output.dir)
+    old = root.read(MANIFEST)
+    if old is not None:
+        old = json.loads(old)
+        changes = _diff(old.get("settings", {}), config.fingerprint()) + _diff(old.get("plan", {}), plan.describe(), "input.")
         if changes and not force:
             raise ResumeConflict(
-                f"{out} holds a run with other settings; refusing to resume into it "
-                f"(pass --force to continue with the new settings):\n  " + "\n  ".join(changes)
+                f"{config.output.dir} holds a run with other settings or input; refusing to resume into it "
+                f"(pass --force to continue with the new ones):\n  " + "\n  ".join(changes)
             )
+    root.mkdir()
     manifest = {
         "settings": config.fingerprint(),
         "settings_hash": config.fingerprint_hash(),
+        "plan": plan.describe(),
         "models": {
             "generation": config.generation.model,
             "imagereward": config.scoring.imagereward.checkpoint,
@@ -94,11 +93,13 @@ def prepare_output(config: SynthConfig, force: bool) -> Path:
         },
         "thresholds": {"imagereward": config.scoring.imagereward_threshold, "mps": config.scoring.mps_threshold},
         "order": config.order,
+        # The scorers and the recaptioner see the image as stored, not the generator's raw pixels.
+        "scored_on": {"image_format": config.output.image_format, "jpeg_quality": config.output.jpeg_quality},
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    save_config(config, out / "config.yaml")
-    return out
+    root.write(MANIFEST, json.dumps(manifest, indent=1).encode())
+    root.write("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+    return root
 
 
 def sample_meta(config: SynthConfig) -> dict:
@@ -120,32 +121,75 @@ def sample_meta(config: SynthConfig) -> dict:
     }
 
 
-def _stage(ds, cls, res, **kwargs):
+def read_shards(batch: dict[str, np.ndarray], plan: ShardPlan, config: SynthConfig, root: Root) -> dict:
+    """Shard numbers → shard rows: each shard reads its own input rows and dedup verdicts."""
+    rows = []
+    for shard in batch["data"].tolist():
+        i, start, stop = plan.spec(shard)
+        dups = shard_duplicates(root, config.prompts, plan, shard)
+        prompts = shard_prompts(config.prompts, config.generation.seed, plan.files[i], start, stop,
+                                dups.get("id", set()), dups.get("text", set()))
+        n = len(prompts)
+        rows.append({
+            "shard": shard,
+            "ids": [p.id for p in prompts],
+            "prompts": [p.text for p in prompts],
+            "sources": [p.source for p in prompts],
+            "rows": [p.row for p in prompts],
+            "seeds": [p.seed for p in prompts],
+            "status": [REJECTED if p.reject else PENDING for p in prompts],
+            "reason": [p.reject for p in prompts],
+            "recaption": [""] * n,
+            "imagereward": [float("nan")] * n,
+            "mps": [float("nan")] * n,
+            "image": [b""] * n,
+            "processed_by": "{}",
+        })
+    return pack(rows)
+
+
+def _faults(config: SynthConfig, actors: bool) -> dict:
+    """Ray's retry options (Ray 2.60 takes them only as ray_remote_args; it warns that they move)."""
+    f = config.faults
+    if actors:
+        return {"max_restarts": f.max_actor_restarts, "max_task_retries": f.max_task_retries}
+    return {"max_retries": f.max_task_retries}
+
+
+def _stage(ds, config: SynthConfig, cls, res, **kwargs):
     return ds.map_batches(
         cls,
         fn_constructor_kwargs=kwargs,
-        batch_size=1,  # one chunk row: the chunk is the model batch
-        compute=ray.data.ActorPoolStrategy(size=res.num_actors),
+        batch_size=1,  # one shard row; the stage cuts it into model batches itself
+        # A shard is long work: one running and one queued per actor keeps the actor busy (the next
+        # shard's input arrives during this one) without holding shards an idle actor could take.
+        compute=ray.data.ActorPoolStrategy(size=res.num_actors, max_tasks_in_flight_per_actor=2),
         num_gpus=res.num_gpus,
         num_cpus=res.num_cpus,
+        **_faults(config, actors=True),
     )
 
 
-def build_dataset(config: SynthConfig, plan_path: Path):
-    """The Ray Data pipeline over the plan; yields chunk rows (transformers) or sample rows (vLLM)."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # shards finish in order; tars are reproducible
-    ds = ray.data.read_parquet(str(plan_path))
+def build_dataset(config: SynthConfig, plan: ShardPlan, root: Root, todo: np.ndarray):
+    """The Ray Data pipeline over the shards still to do; yields one stats row per written shard."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = False  # order lives inside a shard
+    blocks = min(len(todo), 1024)
+    ds = ray.data.from_numpy(np.array_split(todo, blocks))
+    if blocks < len(todo):
+        ds = ds.repartition(target_num_rows_per_block=1)  # streaming: one block (= one task) per shard
+    ds = ds.map_batches(read_shards, fn_kwargs=dict(plan=plan, config=config, root=root), batch_size=1,
+                        **_faults(config, actors=False))
     g, s, r = config.generation, config.scoring, config.recaption
-    ds = _stage(ds, GenerateStage, g.resources, cfg=g.model_dump())
-    score = dict(cfg=s.model_dump())
-    caption = dict(cfg=r.model_dump())
-    fmt = dict(image_format=config.output.image_format, jpeg_quality=config.output.jpeg_quality)
+    out = config.output
+    ds = _stage(ds, config, GenerateStage, g.resources, cfg=g.model_dump(), image_format=out.image_format,
+                jpeg_quality=out.jpeg_quality)
+    score = dict(cfg=s.model_dump(), batch_size=g.batch_size)
+    caption = dict(cfg=r.model_dump(), batch_size=g.batch_size)
+    writer = dict(out=root.location, meta=sample_meta(config), image_ext=out.image_format)
     if r.backend == "vllm":
-        from pipelines.recaption import build_vllm_recaptioner
+        from pipelines.recaption import ShardAssembler, build_vllm_recaptioner, vllm_rows
 
-        ds = _stage(ds, ScoreStage, s.resources, **score)
-        ds = ds.flat_map(explode_for_vllm)
+        ds = _stage(ds, config, ScoreStage, s.resources, **score)
         processor = build_vllm_recaptioner(
             r.model,
             instruction=r.instruction,
@@ -155,31 +199,20 @@ def build_dataset(config: SynthConfig, plan_path: Path):
             engine_kwargs=r.engine_kwargs,
             num_gpus_per_instance=max(1, int(r.resources.num_gpus)),
         )
-        return processor(ds).map_batches(encode_samples, fn_kwargs=fmt)
+        ds = processor(ds.flat_map(vllm_rows))
+        return ds.map_batches(ShardAssembler, fn_constructor_kwargs=writer, batch_size=None,
+                              compute=ray.data.ActorPoolStrategy(size=1), **_faults(config, actors=True))
     if config.order == "score_first":
-        ds = _stage(ds, ScoreStage, s.resources, **score)
-        ds = _stage(ds, RecaptionStage, r.resources, **caption, statuses=(ACCEPTED,))
+        ds = _stage(ds, config, ScoreStage, s.resources, **score)
+        ds = _stage(ds, config, RecaptionStage, r.resources, **caption, statuses=(ACCEPTED,))
     else:
-        ds = _stage(ds, RecaptionStage, r.resources, **caption, statuses=(GENERATED,))
-        ds = _stage(ds, ScoreStage, s.resources, **score)  # a sample whose caption failed is not scored
-    return ds.map_batches(encode_chunks, fn_kwargs=fmt)
-
-
-def _samples(config: SynthConfig, ds) -> Iterator[dict]:
-    """The pipeline's output as one dict per handled prompt, in plan order."""
-    if config.recaption.backend == "vllm":
-        for sample in ds.iter_rows():
-            row = {k: [sample[k] or ""] for k in ("status", "reason", "recaption")}
-            mark_empty_captions(row, (ACCEPTED,))
-            yield {**sample, **{k: v[0] for k, v in row.items()}}
-    else:
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
-            for chunk in unpack(batch):
-                yield from explode(chunk)
+        ds = _stage(ds, config, RecaptionStage, r.resources, **caption, statuses=(GENERATED,))
+        ds = _stage(ds, config, ScoreStage, s.resources, **score)  # a sample whose caption failed is not scored
+    return ds.map_batches(write_shards, fn_kwargs=writer, batch_size=1, **_faults(config, actors=False))
 
 
 def check_resources(config: SynthConfig, started_here: bool) -> None:
-    """The stage actors must fit with room for Ray Data's read and encode tasks, or the run hangs.
+    """The stage actors must fit with room for Ray Data's read and write tasks, or the run hangs.
 
     On a local instance the resources are fixed: too little is an error. A cluster may autoscale,
     so there it is a warning.
@@ -204,13 +237,25 @@ def check_resources(config: SynthConfig, started_here: bool) -> None:
     log.warning("resources: %s; the run waits until the cluster has them", detail)
 
 
+def _count(metrics: SynthMetrics, stats: dict) -> None:
+    metrics.count("prompts_read", stats["total"], "prompts handled")
+    metrics.count("written", stats["accepted"], "samples written to shards")
+    metrics.count("shards_written", 1, "shards written")
+    reader = sum(n for reason, n in stats["reasons"].items() if reason in READER_REASONS)
+    metrics.count("rejected", reader, "samples rejected", reason="reader")
+
+
 def run_synth(
     config: SynthConfig,
     *,
     force: bool = False,
-    on_shard: Callable[[dict], None] | None = None,
+    on_plan: Callable[[SynthResult], None] | None = None,
+    on_shard: Callable[[dict, SynthResult], None] | None = None,
 ) -> SynthResult:
-    """Run (or resume) the synthesis described by `config`. Returns what this invocation did."""
+    """Run (or resume) the synthesis described by `config`. Returns what this invocation did.
+
+    `on_plan(result)` is called once the work is known; `on_shard(stats, result)` as each shard
+    is written, with the running totals."""
     t0 = time.time()
     if config.recaption.backend == "vllm":
         from pipelines.recaption import require_vllm
@@ -219,55 +264,41 @@ def run_synth(
             raise ValueError("recaption.backend 'vllm' runs after scoring: set order: score_first")
         require_vllm()
     # Everything that can fail on bad input fails here, before Ray starts.
-    check_prompt_files(config.prompts)
+    plan = make_plan(config.prompts, config.output.shard_size)
     check_synth_models(config)
-    out = prepare_output(config, force)
+    root = prepare_output(config, plan, force)
 
-    done = complete_shards(out)
-    removed = remove_incomplete(out, set(done))
+    done = complete_shards(root)
+    removed = remove_incomplete(root, set(done))
     if removed:
         log.info("removed %d leftover file(s) of incomplete shards: %s", len(removed), ", ".join(removed[:8]))
-    plan: PlanSummary = write_plan(
-        read_prompts(config.prompts, config.generation.seed),
-        handled_ids(out, done),
-        set(done),
-        config.output.shard_size,
-        config.generation.batch_size,
-        out / "_work" / "plan.parquet",
-    )
-    result = SynthResult(out_dir=str(out), shards_skipped=len(done), plan={k: v for k, v in asdict(plan).items() if k != "path"})
-    if plan.shards == 0:
+    todo = np.setdiff1d(np.arange(plan.n_shards, dtype=np.int64), np.fromiter(done, np.int64, len(done)))
+    result = SynthResult(out_dir=config.output.dir, shards_skipped=len(done), shards_planned=len(todo),
+                         plan={"shards": plan.n_shards, "rows": plan.n_rows, "todo": len(todo),
+                               "rows_per_shard": plan.rows_per_shard, "inputs": len(plan.files)})
+    if on_plan:
+        on_plan(result)
+    if len(todo) == 0:
         result.seconds = time.time() - t0
         return result
 
     started_here = init_ray(config.ray)
     check_resources(config, started_here)
+    result.dedup = run_dedup(plan, config.prompts, root)
     metrics = SynthMetrics()
-    metrics.count("prompts_read", plan.prompts, "prompts planned")
-    if plan.reader_rejected:
-        metrics.count("rejected", plan.reader_rejected, "samples rejected", reason="reader")
-    meta = sample_meta(config)
-    ext = config.output.image_format
-    open_shards: dict[int, ShardWriter] = {}
-    try:
-        for sample in _samples(config, build_dataset(config, plan.path)):
-            shard = sample["shard"]
-            if shard not in open_shards:
-                open_shards[shard] = ShardWriter(out, shard, sample["shard_total"], meta)
-            writer = open_shards[shard]
-            writer.add(sample, sample["image_bytes"], ext)
-            if writer.done:
-                stats = open_shards.pop(shard).close()
-                metrics.count("written", stats["accepted"], "samples written to shards")
-                result.shards_written += 1
-                result.prompts += stats["total"]
-                result.accepted += stats["accepted"]
-                result.rejected += stats["rejected"]
-                result.failed += stats["failed"]
-                if on_shard:
-                    on_shard(stats)
-    finally:
-        for writer in open_shards.values():
-            writer.abort()  # an unfinished shard leaves no file behind; the next run redoes it
+    for row in build_dataset(config, plan, root, todo).iter_rows():
+        stats = json.loads(row["stats"])
+        _count(metrics, stats)
+        result.shards_written += 1
+        result.prompts += stats["total"]
+        result.accepted += stats["accepted"]
+        result.rejected += stats["rejected"]
+        result.failed += stats["failed"]
+        if on_shard:
+            on_shard(stats, result)
     result.seconds = time.time() - t0
+    if result.shards_written < len(todo):
+        missing = len(todo) - result.shards_written
+        raise RuntimeError(f"synth: {missing} of {len(todo)} shard(s) were not written (a lost assembler or "
+                           f"writer); {config.output.dir} keeps the {result.shards_written} written: rerun to finish")
     return result

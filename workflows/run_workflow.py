@@ -123,7 +123,7 @@ def run_stage(wf: Workflow, stage: str, state: dict) -> tuple[dict, bool]:
 
         r = run_synth(wf.configs["synth"])
         return ({k: getattr(r, k) for k in ("shards_written", "shards_skipped", "accepted", "rejected", "failed")},
-                r.shards_written == 0 and not r.plan.get("shards"))
+                r.shards_planned == 0)
     if stage.startswith("tokenizer_stage"):
         from workflows.train_tokenizer import run_tokenizer_stage
 

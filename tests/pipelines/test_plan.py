@@ -1,40 +1,48 @@
-import pyarrow.parquet as pq
+import numpy as np
+import pytest
 
 from layton.config import PromptsConfig
-from pipelines.plan import write_plan
-from pipelines.prompts import read_prompts
+from pipelines.plan import ShardPlan, make_plan
+from pipelines.prompts import InputFile, shard_prompts
 from tests.conftest import write_prompts
 
 
-def _plan(tmp_path, prompts, done_ids=frozenset(), used=frozenset(), name="plan.parquet"):
-    summary = write_plan(prompts, set(done_ids), set(used), shard_size=5, batch_size=2, path=tmp_path / name)
-    return summary, pq.read_table(summary.path).to_pylist()
+def _plan(rows, per, limit=None):
+    return ShardPlan(tuple(InputFile(f"/d/f{i}.parquet", f"f{i}.parquet", n) for i, n in enumerate(rows)), per, limit)
 
 
-def test_shards_and_chunks(tmp_path):
-    f = write_prompts(tmp_path / "p.parquet", ["a", "", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"])
-    prompts = list(read_prompts(PromptsConfig(paths=[str(f)])))
-    summary, rows = _plan(tmp_path, prompts)
-    assert (summary.shards, summary.prompts, summary.reader_rejected) == (3, 12, 1)
-    by_shard = {}
-    for r in rows:
-        by_shard.setdefault(r["shard"], []).append(r)
-        # a chunk never holds more than batch_size prompts to generate
-        assert sum(s == "pending" for s in r["status"]) <= 2
-    assert sorted(by_shard) == [0, 1, 2]
-    assert [sum(len(r["ids"]) for r in by_shard[s]) for s in (0, 1, 2)] == [5, 5, 2]
-    assert all(r["shard_total"] == len(sum((x["ids"] for x in by_shard[r["shard"]]), [])) for r in rows)
-    assert rows[0]["status"][:2] == ["pending", "rejected"] and rows[0]["reason"][1] == "empty_prompt"
+def test_shards_are_row_ranges_of_files():
+    plan = _plan([12, 0, 5], per=5)
+    assert plan.n_shards == 4 and plan.n_rows == 17
+    assert [plan.spec(s) for s in range(4)] == [(0, 0, 5), (0, 5, 10), (0, 10, 12), (2, 0, 5)]
+    np.testing.assert_array_equal(plan.shard_of(np.array([0, 4, 5, 11, 12, 16])), [0, 0, 1, 2, 3, 3])
+    with pytest.raises(IndexError):
+        plan.spec(4)
 
 
-def test_resume_reproduces_the_remaining_groups(tmp_path):
-    f = write_prompts(tmp_path / "p.parquet", [f"prompt {i}" for i in range(23)])
-    prompts = list(read_prompts(PromptsConfig(paths=[str(f)])))
-    _, full = _plan(tmp_path, prompts)
-    # Shards 1, 3 and the short last one (4) finished before a kill.
-    done = {i for r in full if r["shard"] in (1, 3, 4) for i in r["ids"]}
-    summary, rest = _plan(tmp_path, prompts, done, used={1, 3, 4}, name="resume.parquet")
-    assert summary.skipped_done == len(done) and summary.shards == 2
-    expected = [r for r in full if r["shard"] in (0, 2)]
-    drop_nan = lambda rows: [{k: v for k, v in r.items() if k not in ("imagereward", "mps")} for r in rows]  # noqa: E731
-    assert drop_nan(rest) == drop_nan(expected)  # same shard numbers, same chunks, same seeds
+def test_limit_keeps_the_first_input_rows():
+    plan = _plan([12, 5], per=5, limit=14)
+    assert plan.n_rows == 14 and [plan.spec(s) for s in range(plan.n_shards)] == [(0, 0, 5), (0, 5, 10), (0, 10, 12), (1, 0, 2)]
+    # The plan is a pure function of the inputs: the same shards whatever was done before.
+    assert plan.describe() == _plan([12, 5], per=5, limit=14).describe()
+
+
+def test_plan_from_files_and_sampling(tmp_path):
+    a = write_prompts(tmp_path / "a.parquet", [f"a{i}" for i in range(23)])
+    b = write_prompts(tmp_path / "b.parquet", [f"b{i}" for i in range(7)])
+    plan = make_plan(PromptsConfig(paths=[str(tmp_path)]), shard_size=10)
+    assert [f.name for f in plan.files] == ["a.parquet", "b.parquet"] and plan.n_shards == 4
+    cfg = PromptsConfig(paths=[str(a), str(b)], sample_fraction=0.5)
+    sampled = make_plan(cfg, shard_size=5)
+    assert sampled.rows_per_shard == 10  # a shard spans shard_size / fraction rows: ~shard_size prompts
+    got = [p for s in range(sampled.n_shards) for p in shard_prompts(cfg, 0, sampled.files[sampled.spec(s)[0]], *sampled.spec(s)[1:])]
+    assert 8 < len(got) < 22 and len({p.id for p in got}) == len(got)
+
+
+def test_two_files_of_one_name_fail_without_an_id_column(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    write_prompts(tmp_path / "x" / "p.parquet", ["a"])
+    write_prompts(tmp_path / "y" / "p.parquet", ["b"])
+    with pytest.raises(ValueError, match="share the file name"):
+        make_plan(PromptsConfig(paths=[str(tmp_path)]), 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,8 +65,34 @@ def reference_run(tiny_zoo, ray_local, tmp_path_factory):
     return cfg, prompts, run_synth(cfg)
 
 
+# Generation heavy enough (vs. an actor's start-up) that a second generation actor gets shards.
+HEAVY = dict(COMMON, generation__height=256, generation__width=256, generation__num_inference_steps=16)
+
+
+@pytest.fixture(scope="module")
+def heavy_reference(tiny_zoo, ray_local, tmp_path_factory):
+    """One generation actor, uninterrupted, at the heavier settings."""
+    from pipelines.synth import run_synth
+
+    tmp = tmp_path_factory.mktemp("heavy")
+    prompts = write_prompts(tmp / "p.parquet", ALL_PROMPTS)
+    run_synth(SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp / "out", **HEAVY)))
+    return tmp / "out", prompts
+
+
 def _total(samples: dict[str, float], **labels: str) -> float:
     return sum(v for k, v in samples.items() if all(f'{lk}="{lv}"' in k for lk, lv in labels.items()))
+
+
+def _settled(url: str, name: str, timeout: float = 40.0, **labels: str) -> float:
+    """A counter's total once two exports a report interval apart agree (counts arrive as shards land)."""
+    deadline, last = time.time() + timeout, None
+    while True:
+        now = _total(scrape(url, name), **labels)
+        if now == last or time.time() > deadline:
+            return now
+        last = now
+        time.sleep(11)  # Ray's metrics report interval is ~10 s
 
 
 def test_synth_output(reference_run, ray_local):
@@ -96,60 +123,133 @@ def test_synth_output(reference_run, ray_local):
     assert summary["total"] == 32 and summary["accepted"] == len(by_status["accepted"])
     assert json.loads((out / "manifest.json").read_text())["thresholds"]["mps"] == cfg.scoring.mps_threshold
     # The driver's live counters reached the metrics export (what the dashboard's Metrics view reads).
-    written = scrape(ray_local.metrics_url, "ray_layton_synth_written_total")
-    assert _total(written) == len(by_status["accepted"])
-    assert _total(scrape(ray_local.metrics_url, "ray_layton_synth_rejected_total"), reason="reader") == 2
+    assert _settled(ray_local.metrics_url, "ray_layton_synth_written_total") == len(by_status["accepted"])
+    assert _settled(ray_local.metrics_url, "ray_layton_synth_rejected_total", reason="reader") == 2
+    assert _settled(ray_local.metrics_url, "ray_layton_synth_shards_written_total") == 8
     # A second run finds everything done and generates nothing.
     again = run_synth(cfg)
     assert again.shards_written == 0 and again.shards_skipped == 8
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tiny_zoo, tmp_path):
+def _shard_files(out: Path) -> dict[str, bytes]:
+    """Every shard file's bytes; a completion record without its `writer` (who wrote it, when)."""
+    files = {}
+    for p in sorted(out.glob("[0-9]*")):
+        data = p.read_bytes()
+        if p.name.endswith("_stats.json"):
+            stats = json.loads(data)
+            stats.pop("writer")
+            data = json.dumps(stats, sort_keys=True).encode()
+        files[p.name] = data
+    return files
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    os.killpg(pid, signal.SIGKILL)
+
+
+def _assert_same_output(ref: Path, out: Path) -> None:
+    ref_files, out_files = _shard_files(ref), _shard_files(out)
+    assert sorted(ref_files) == sorted(out_files) and ref_files
+    for name in ref_files:  # same shard numbers; byte-identical tars, indexes and records
+        assert ref_files[name] == out_files[name], name
+    index = read_index(out).to_pylist()
+    assert len(index) == len({r["key"] for r in index}) == len(ALL_PROMPTS)  # each prompt handled once
+    _samples(out)  # no duplicate key across tars
+    assert not [p.name for p in out.rglob("*.tmp*")]
+
+
+def test_resume_after_sigkills_matches_uninterrupted_run(reference_run, tiny_zoo, tmp_path):
+    """The driver is killed at several points; every rerun keeps the complete shards and plans
+    only the rest; the end result equals the uninterrupted run's."""
     _, prompts, _ = reference_run
     ref = Path(reference_run[0].output.dir)
     run_cfg = _config_file(tmp_path, tiny_zoo, "run", prompts, **COMMON)
     out = tmp_path / "run"
+    at_least = 0  # shards known complete: a killed run's workers may still finish one in flight
+    for kill_after in (1, 3, None):  # shards this attempt completes before its driver is killed
+        proc = _cli("synth", run_cfg)
+        finished, kept, lines = 0, None, []
+        for line in proc.stdout:  # the CLI prints its plan, then a line as each shard completes
+            lines.append(line)
+            if m := re.match(r"synth: plan 8 shard\(s\) .*: (\d+) complete, (\d+) to do", line):
+                kept = int(m.group(1))
+                assert kept >= at_least and int(m.group(2)) == 8 - kept, line  # only the rest is planned
+            finished += line.startswith("shard ")
+            if finished == kill_after:
+                _kill_tree(proc.pid)  # the machine goes: driver, local Ray and its workers at once
+                break
+        if kill_after is None:
+            log = "".join(lines)
+            assert proc.wait() == 0 and f"wrote {8 - kept} shard(s), kept {kept} complete" in log, log
+        else:
+            proc.wait()
+            assert kept is not None and kept + kill_after < 8
+            at_least = kept + kill_after
+    assert kept >= 4  # both kills came after shards were durable, and those were kept
+    _assert_same_output(ref, out)
 
-    killed = _cli("synth", run_cfg)
-    finished = 0
-    for line in killed.stdout:  # the CLI prints a line as each shard completes
-        finished += line.startswith("shard ")
-        if finished == 2:
-            os.killpg(killed.pid, signal.SIGKILL)  # the driver and the local Ray it started
-            break
-    killed.wait()
-    n_before = len(complete_shards(out))
-    assert 2 <= n_before < 8, f"kill landed at {n_before} complete shards"
 
-    resumed = _cli("synth", run_cfg)
-    log = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, log
-    assert f"kept {n_before} complete" in log
+def test_two_generation_actors_share_the_shards_and_an_actor_kill_is_survived(heavy_reference, tiny_zoo, tmp_path):
+    """Two 1-CPU generation actors both take shards, shards become durable while others are still
+    being generated, one generation actor SIGKILLed mid-run is restarted, and the output equals
+    the one-actor run's byte for byte."""
+    import psutil
 
-    ref_samples, run_samples = _samples(ref), _samples(out)
-    assert ref_samples.keys() == run_samples.keys() and ref_samples
-    for key in ref_samples:
-        assert ref_samples[key] == run_samples[key], key
-    ref_index, run_index = read_index(ref).to_pylist(), read_index(out).to_pylist()
-    assert len(run_index) == len({r["key"] for r in run_index}) == len(ALL_PROMPTS)  # each prompt handled once
-    assert sorted(ref_index, key=lambda r: r["key"]) == sorted(run_index, key=lambda r: r["key"])
-    for tar in ref.glob("*.tar"):  # same shard numbers, byte-identical tars
-        assert (out / tar.name).read_bytes() == tar.read_bytes(), tar.name
-    assert not list(out.glob("*.tmp"))
+    ref, prompts = heavy_reference
+    cfg = _config_file(tmp_path, tiny_zoo, "two", prompts, **HEAVY, generation__resources__num_actors=2, ray__num_cpus=5)
+    proc = _cli("synth", cfg)
+    lines, killed_pid = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("shard ") and killed_pid is None:
+            actors = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                      if "GenerateStage" in " ".join(p.cmdline())]
+            assert len(actors) == 2, [p.cmdline() for p in actors]
+            killed_pid = actors[0].pid
+            actors[0].send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=300) == 0, "".join(lines)
+    out = tmp_path / "two"
+    _assert_same_output(ref, out)
+    stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
+    generators = {s["writer"]["stages"]["generate"]["pid"] for s in stats}
+    assert len(generators) >= 2, generators  # both actors took shards (a restarted one may add a pid)
+    first_durable = min(s["writer"]["finished_at"] for s in stats)
+    last_generated = max(s["writer"]["stages"]["generate"]["at"] for s in stats)
+    assert first_durable < last_generated  # shards land as they finish, not together at the end
 
 
 def test_changed_settings_refuse_to_resume(tiny_zoo, tmp_path):
+    from pipelines.plan import make_plan
     from pipelines.synth import ResumeConflict, prepare_output
 
     prompts = write_prompts(tmp_path / "p.parquet", PROMPTS[:3])
     cfg = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out"))
-    prepare_output(cfg, force=False)
+    plan = make_plan(cfg.prompts, cfg.output.shard_size)
+    prepare_output(cfg, plan, force=False)
     changed = SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp_path / "out", scoring__mps_threshold=5.0))
     with pytest.raises(ResumeConflict, match=r"scoring.mps_threshold: -5.0 -> 5.0"):
-        prepare_output(changed, force=False)
-    prepare_output(changed, force=True)
-    more_actors = synth_config_dict(tiny_zoo, prompts, tmp_path / "out", scoring__mps_threshold=5.0, ray__num_cpus=16)
-    prepare_output(SynthConfig.model_validate(more_actors), force=False)  # resources may change
+        prepare_output(changed, plan, force=False)
+    prepare_output(changed, plan, force=True)
+    more_actors = synth_config_dict(tiny_zoo, prompts, tmp_path / "out", scoring__mps_threshold=5.0, ray__num_cpus=16,
+                                    generation__resources__num_actors=3)
+    prepare_output(SynthConfig.model_validate(more_actors), plan, force=False)  # resources may change
+    # The output may move: where it lives is not a setting.
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    moved = synth_config_dict(tiny_zoo, prompts, tmp_path / "moved", scoring__mps_threshold=5.0)
+    prepare_output(SynthConfig.model_validate(moved), plan, force=False)
+    # Input rows appended to a file would renumber the shards: refused.
+    write_prompts(tmp_path / "p.parquet", PROMPTS[:5])
+    with pytest.raises(ResumeConflict, match=r"input.inputs"):
+        prepare_output(SynthConfig.model_validate(moved), make_plan(cfg.prompts, cfg.output.shard_size), force=False)
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
@@ -170,8 +270,8 @@ def test_bad_model_path_fails_before_ray(tiny_zoo, tmp_path, damage):
 
 
 def test_failing_generation_is_recorded_and_the_chunk_goes_on(tiny_zoo):
-    from pipelines.chunks import FAILED, GENERATED, PENDING
-    from pipelines.stages import GenerateStage
+    from pipelines.shard_rows import FAILED, GENERATED, PENDING
+    from pipelines.stages import GenerateStage, decode_image
 
     stage = GenerateStage(synth_config_dict(tiny_zoo, "x", Path("y"))["generation"])
     real_pipe = stage.pipe
@@ -187,9 +287,12 @@ def test_failing_generation_is_recorded_and_the_chunk_goes_on(tiny_zoo):
     out = stage.process(row)
     assert out["status"] == [GENERATED, FAILED, GENERATED]
     assert out["reason"][1].startswith("generate_error: RuntimeError: CUDA error")
-    assert out["images"][0].std() > 0 and out["images"][1].max() == 0
+    assert out["image"][1] == b""
+    first = np.asarray(decode_image(out["image"][0]))
+    assert first.std() > 0
     alone = stage.generate(["a cat"], [1])[0]
-    np.testing.assert_array_equal(out["images"][0], alone)
+    # The stage hands on the stored (lossless PNG by default) encoding of the same pixels.
+    np.testing.assert_array_equal(first, alone)
 
 
 def test_vllm_backend_without_vllm_fails_before_ray(tiny_zoo, tmp_path):
