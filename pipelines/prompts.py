@@ -140,10 +140,6 @@ def list_inputs(cfg: PromptsConfig) -> list[InputFile]:
     return inputs
 
 
-def check_prompt_files(cfg: PromptsConfig) -> list[InputFile]:
-    return list_inputs(cfg)
-
-
 def read_rows(f: InputFile, start: int, stop: int, columns: list[str]) -> dict[str, list]:
     """Rows [start, stop) of a file: only the row groups that hold them are read."""
     try:

@@ -80,12 +80,12 @@ def preflight(wf: Workflow) -> None:
     from layton.coco import read_captions
     from layton.model_files import ModelFileError, check_file, check_model_dir, check_synth_models
     from layton.tokenizer import check_tokenizer_models
-    from pipelines.prompts import check_prompt_files
+    from pipelines.prompts import list_inputs
 
     for section, cfg in wf.configs.items():
         try:
             if section == "synth":
-                check_prompt_files(cfg.prompts)
+                list_inputs(cfg.prompts)
                 check_synth_models(cfg)
             elif section == "tokenizer":
                 check_tokenizer_models(cfg.model, cfg.stage2.consistency, cfg.stage2.lpips)

@@ -5,7 +5,7 @@ from layton.config import PromptsConfig
 from layton.storage import Root
 from pipelines.dedup import run_dedup, shard_duplicates
 from pipelines.plan import make_plan
-from pipelines.prompts import check_prompt_files, key_for, prompt_id, prompt_seed, reject_reason, shard_prompts
+from pipelines.prompts import list_inputs, key_for, prompt_id, prompt_seed, reject_reason, shard_prompts
 from tests.conftest import write_prompts
 
 
@@ -88,6 +88,6 @@ def test_non_string_column_and_missing_inputs(tmp_path):
     got = _all(PromptsConfig(paths=[str(f)], dedup=False))
     assert {p.reject for p in got} == {"non_string_prompt"}
     with pytest.raises(FileNotFoundError, match="nothing.parquet"):
-        check_prompt_files(PromptsConfig(paths=[str(tmp_path / "nothing.parquet")]))
+        list_inputs(PromptsConfig(paths=[str(tmp_path / "nothing.parquet")]))
     with pytest.raises(ValueError, match="no column 'caption'"):
-        check_prompt_files(PromptsConfig(paths=[str(f)], text_column="caption"))
+        list_inputs(PromptsConfig(paths=[str(f)], text_column="caption"))
