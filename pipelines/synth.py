@@ -34,6 +34,9 @@ from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage, write_sh
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+# Blocks the driver creates for the shard numbers; beyond that many shards, a streaming repartition
+# splits them into one-shard blocks as the run goes (no per-shard object made up front).
+INPUT_BLOCKS = 1024
 READER_REASONS = {"null_prompt", "non_string_prompt", "empty_prompt", "prompt_too_long", "duplicate_prompt", "duplicate_id"}
 
 
@@ -173,7 +176,7 @@ def _stage(ds, config: SynthConfig, cls, res, **kwargs):
 def build_dataset(config: SynthConfig, plan: ShardPlan, root: Root, todo: np.ndarray):
     """The Ray Data pipeline over the shards still to do; yields one stats row per written shard."""
     ray.data.DataContext.get_current().execution_options.preserve_order = False  # order lives inside a shard
-    blocks = min(len(todo), 1024)
+    blocks = min(len(todo), INPUT_BLOCKS)
     ds = ray.data.from_numpy(np.array_split(todo, blocks))
     if blocks < len(todo):
         ds = ds.repartition(target_num_rows_per_block=1)  # streaming: one block (= one task) per shard

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import json
 
 import numpy as np
 import pytest
@@ -41,11 +42,17 @@ def _arrays():
     return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)]
 
 
+def _jpeg(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def _rows():
     a, b = _arrays()
     return [
-        {"id": "s0", "prompt": "a red cat", "image": a, "status": "accepted", "seed": 7},
-        {"id": "s1", "prompt": "a blue castle", "image": b, "status": "rejected", "seed": 8},
+        {"id": "s0", "prompt": "a red cat", "image": _jpeg(a), "status": "accepted", "seed": 7},
+        {"id": "s1", "prompt": "a blue castle", "image": b"", "status": "carrier", "seed": 8},
     ]
 
 
@@ -77,9 +84,9 @@ def test_transformers_recaptioner_prompt_placeholder_and_pixels(qwen_dir, recapt
     assert grid["image_grid_thw"].tolist() == [[1, 4, 4], [1, 2, 4]]  # within the 56^2 budget
 
 
-def _decode_data_url(url: str) -> np.ndarray:
-    assert url.startswith("data:image/png;base64,")
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+def _data_url_bytes(url: str, mime: str) -> bytes:
+    assert url.startswith(f"data:{mime};base64,")
+    return base64.b64decode(url.split(",", 1)[1])
 
 
 def test_preprocess_builds_chat_request():
@@ -89,14 +96,14 @@ def test_preprocess_builds_chat_request():
     assert msg["role"] == "user"
     image_part, text_part = msg["content"]
     assert image_part["type"] == "image_url"
-    np.testing.assert_array_equal(_decode_data_url(image_part["image_url"]["url"]), accepted["image"])  # lossless
+    assert _data_url_bytes(image_part["image_url"]["url"], "image/jpeg") == accepted["image"]  # the stored bytes as is
     assert text_part == {"type": "text", "text": "Prompt: a red cat. Describe."}
     assert out["sampling_params"] == {"temperature": 0.0, "max_tokens": 64, "skip_special_tokens": True}
 
     cheap = vllm_preprocess_row(rejected, instruction=DEFAULT_INSTRUCTION, max_new_tokens=64)
     assert cheap["sampling_params"]["max_tokens"] == 1
-    placeholder = _decode_data_url(cheap["messages"][0]["content"][0]["image_url"]["url"])
-    assert placeholder.shape == (28, 28, 3) and not placeholder.any()
+    placeholder = Image.open(io.BytesIO(_data_url_bytes(cheap["messages"][0]["content"][0]["image_url"]["url"], "image/png")))
+    assert placeholder.size == (28, 28) and not np.asarray(placeholder).any()
 
 
 def test_request_renders_with_the_model_chat_template(qwen_dir):
@@ -117,9 +124,8 @@ def test_postprocess_restores_columns_and_adds_recaption():
     for row in _rows():
         pre = {**row, **vllm_preprocess_row(row, instruction=DEFAULT_INSTRUCTION, max_new_tokens=8)}
         out = vllm_postprocess_row(_fake_engine(pre))
-        assert list(out) == [*row, "recaption"]
-        assert out["prompt"] == row["prompt"] and out["seed"] == row["seed"]
-        np.testing.assert_array_equal(out["image"], row["image"])
+        assert list(out) == [*row, "recaption", "recaption_error"]
+        assert out["prompt"] == row["prompt"] and out["seed"] == row["seed"] and out["image"] == row["image"]
         assert out["recaption"] == ("caption of s0" if row["status"] == "accepted" else "")
 
 
@@ -151,11 +157,47 @@ def test_pre_and_postprocess_through_ray_data():
     finally:
         if started:
             ray.shutdown()
-    assert [set(r) for r in out] == [{"id", "prompt", "image", "status", "seed", "recaption"}] * 2
+    assert [set(r) for r in out] == [{"id", "prompt", "image", "status", "seed", "recaption", "recaption_error"}] * 2
     assert [r["prompt"] for r in out] == ["a red cat", "a blue castle"]
     assert [r["recaption"] for r in out] == ["caption of s0", ""]
-    for r, a in zip(out, _arrays()):
-        np.testing.assert_array_equal(r["image"], a)
+    assert [r["image"] for r in out] == [r["image"] for r in _rows()]
+
+
+def _scored_shard(shard: int, statuses: list[str]) -> dict:
+    n = len(statuses)
+    return {"shard": shard, "ids": [f"k{shard}_{i}" for i in range(n)], "prompts": [f"p{i}" for i in range(n)],
+            "sources": ["f.parquet"] * n, "rows": list(range(n)), "seeds": list(range(n)), "status": statuses,
+            "reason": ["" if s == "accepted" else "mps_below_threshold" for s in statuses], "recaption": [""] * n,
+            "imagereward": [1.0] * n, "mps": [float("nan")] * n,
+            "image": [_jpeg(_arrays()[0]) if s == "accepted" else b"" for s in statuses], "processed_by": "{}"}
+
+
+def test_only_accepted_samples_reach_the_engine_and_shards_are_reassembled(tmp_path):
+    """One request per accepted sample plus one carrier per shard; the assembler writes a shard once
+    its carrier and all its requests arrived, in any order and interleaved with other shards."""
+    from pipelines.recaption import ShardAssembler, vllm_rows
+    from pipelines.shard_rows import pack
+    from pipelines.shards import complete_shards, read_index
+
+    a, b = _scored_shard(0, ["accepted", "rejected", "accepted"]), _scored_shard(1, ["rejected", "rejected"])
+    requests = vllm_rows(a) + vllm_rows(b)
+    assert [r["status"] for r in requests] == ["accepted", "accepted", "carrier", "carrier"]  # no rejected request
+    engine_out = []
+    for r in requests:
+        pre = {**r, **vllm_preprocess_row(r, instruction=DEFAULT_INSTRUCTION, max_new_tokens=8)}
+        done = vllm_postprocess_row({**pre, "generated_text": f"caption {r['index']}",
+                                     "__inference_error__": "ValueError: bad" if r["index"] == 2 else ""})
+        engine_out.append({k: v for k, v in done.items()})
+    assembler = ShardAssembler(str(tmp_path), {"generator": None}, "jpg")
+    written = []
+    for r in [engine_out[3], engine_out[1], engine_out[2], engine_out[0]]:  # shard 1 completes first
+        written += list(assembler(pack([r]))["stats"])
+    assert [json.loads(s)["shard"] for s in written] == [1, 0] and not assembler.pending
+    index = {r["key"]: r for r in read_index(tmp_path).to_pylist()}
+    assert index["k0_0"]["status"] == "accepted" and index["k0_0"]["recaption"] == "caption 0"
+    assert index["k0_2"]["status"] == "failed" and index["k0_2"]["reason"] == "recaption_error: ValueError: bad"
+    assert index["k0_1"]["reason"] == "mps_below_threshold" and index["k1_0"]["status"] == "rejected"
+    assert sorted(complete_shards(tmp_path)) == [0, 1]
 
 
 def test_processor_config_builds(qwen_dir):
@@ -168,6 +210,7 @@ def test_processor_config_builds(qwen_dir):
     assert kw["tensor_parallel_size"] == 2 and kw["max_model_len"] == 2048
     assert kw["limit_mm_per_prompt"] == {"image": 1}
     assert kw["trust_remote_code"] is False
+    assert config.should_continue_on_error  # a failing request is a failed sample
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed")

@@ -71,12 +71,17 @@ HEAVY = dict(COMMON, generation__height=256, generation__width=256, generation__
 
 @pytest.fixture(scope="module")
 def heavy_reference(tiny_zoo, ray_local, tmp_path_factory):
-    """One generation actor, uninterrupted, at the heavier settings."""
-    from pipelines.synth import run_synth
+    """One generation actor, uninterrupted, at the heavier settings; its 8 shards start as 3 blocks
+    that the streaming repartition splits (the path of runs with more shards than INPUT_BLOCKS)."""
+    from pipelines import synth
 
     tmp = tmp_path_factory.mktemp("heavy")
     prompts = write_prompts(tmp / "p.parquet", ALL_PROMPTS)
-    run_synth(SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp / "out", **HEAVY)))
+    blocks, synth.INPUT_BLOCKS = synth.INPUT_BLOCKS, 3
+    try:
+        synth.run_synth(SynthConfig.model_validate(synth_config_dict(tiny_zoo, prompts, tmp / "out", **HEAVY)))
+    finally:
+        synth.INPUT_BLOCKS = blocks
     return tmp / "out", prompts
 
 
