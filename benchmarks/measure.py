@@ -27,12 +27,13 @@ def tree_rss(root: psutil.Process) -> int:
     return total
 
 
-def run_layton(*args: str) -> dict:
-    """`layton ARGS` in a subprocess: wall time and the peak RSS of its whole process tree (driver,
-    raylet, actors), sampled every 0.1 s."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "layton.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_command(argv: list[str]) -> dict:
+    """`argv` in a subprocess (cwd: the repository): wall time, the peak RSS of its whole process
+    tree (driver, raylet, actors), sampled every 0.1 s, and its output, each line stamped with the
+    seconds since the start at which it was read (`lines`: [(seconds, line)]); `started_at` is the
+    start as epoch seconds."""
+    started_at, t0 = time.time(), time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     peak, root = 0, psutil.Process(proc.pid)
 
     def sample():
@@ -43,11 +44,19 @@ def run_layton(*args: str) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    log = proc.communicate()[0]
+    lines = [(time.perf_counter() - t0, line) for line in proc.stdout]
+    proc.wait()
+    wall = time.perf_counter() - t0
     sampler.join()
+    log = "".join(line for _, line in lines)
     if proc.returncode:
-        raise SystemExit(f"layton {' '.join(args)} failed:\n{log[-3000:]}")
-    return {"wall": time.perf_counter() - t0, "peak_rss": peak, "log": log}
+        raise SystemExit(f"{' '.join(argv)} failed:\n{log[-3000:]}")
+    return {"wall": wall, "peak_rss": peak, "log": log, "lines": lines, "started_at": started_at}
+
+
+def run_layton(*args: str) -> dict:
+    """`layton ARGS` in a subprocess, measured as `run_command` does."""
+    return run_command([sys.executable, "-m", "layton.cli", *args])
 
 
 def tiny_zoo(given: Path | None, tmp: Path) -> Path:

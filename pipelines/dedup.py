@@ -48,10 +48,10 @@ def _group_file(group: int) -> str:
 def read_duplicates(root: Root, kind: str, plan: ShardPlan, group: int, lo: int, hi: int) -> set[int]:
     """Global positions in [lo, hi) that the `kind` pass found to repeat an earlier row."""
     sub = root.sub(f"{DEDUP_DIR}/{kind}")
-    data = sub.read(_group_file(group))
-    if data is None:
+    try:  # row-group statistics prune the read to the few groups that hold [lo, hi)
+        table = pq.read_table(sub.join(_group_file(group)), filesystem=sub.fs, filters=[("pos", ">=", lo), ("pos", "<", hi)])
+    except FileNotFoundError:
         return set()
-    table = pq.read_table(io.BytesIO(data), filters=[("pos", ">=", lo), ("pos", "<", hi)])
     return set(table.column("pos").to_pylist())
 
 
@@ -99,7 +99,7 @@ def _write(root: Root, group: int, *parts: np.ndarray) -> int:
     pos = np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
     if pos.size:
         buf = io.BytesIO()
-        pq.write_table(pa.table({"pos": pa.array(pos, pa.int64())}), buf, row_group_size=1 << 16)
+        pq.write_table(pa.table({"pos": pa.array(pos, pa.int64())}), buf, row_group_size=4096)
         root.write(_group_file(group), buf.getvalue())
     return int(pos.size)
 
