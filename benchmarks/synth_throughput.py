@@ -22,7 +22,6 @@ Ray's start-up and model loading are paid once per run, so a pipeline's rate is 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -69,8 +68,7 @@ def plain_loop(cfg_dict: dict, threads: list[int]) -> dict[int, tuple[int, float
     from layton.config import SynthConfig
     from layton.storage import Root
     from pipelines.plan import make_plan
-    from pipelines.shard_rows import ACCEPTED
-    from pipelines.shard_rows import unpack
+    from pipelines.shard_rows import ACCEPTED, unpack
     from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage, write_shard
     from pipelines.synth import read_shards, sample_meta
 

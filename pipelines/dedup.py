@@ -65,9 +65,14 @@ def shard_duplicates(root: Root, cfg: PromptsConfig, plan: ShardPlan, shard: int
 
 def _map(plan: ShardPlan, cfg: PromptsConfig, root: Root, kind: str, group: int, partitions: int):
     per = groups_of(plan)
-    rows = []
+    # The group's shards as one row range per file: each file's row groups are read once.
+    ranges: dict[int, list[int]] = {}
     for shard in range(group * per, min((group + 1) * per, plan.n_shards)):
         i, start, stop = plan.spec(shard)
+        lo, hi = ranges.get(i, (start, stop))
+        ranges[i] = [min(lo, start), max(hi, stop)]
+    rows = []
+    for i, (start, stop) in ranges.items():
         base = int(plan.row_offsets[i])
         dup_ids = ({p - base for p in read_duplicates(root, "id", plan, group, base + start, base + stop)}
                    if kind == "text" and cfg.id_column else set())
