@@ -60,7 +60,10 @@ def _shards_stats(args) -> None:
         print(json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=1))
     else:
         print(format_summary(summary))
-    plot = Path(args.plot) if args.plot else Path(args.dir) / "score_histograms.png"
+    from layton.storage import is_uri
+
+    # Beside the shards when they are on a local disk; in the working directory for a URI.
+    plot = Path(args.plot) if args.plot else (Path("score_histograms.png") if is_uri(args.dir) else Path(args.dir) / "score_histograms.png")
     print(f"histograms: {plot_histograms(summary, plot)}")
 
 

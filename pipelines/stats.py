@@ -8,22 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
+from layton.storage import Root
 from pipelines.shards import complete_shards, read_index
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
 
 def shard_summary(out_dir: str | Path) -> dict:
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
+    """`out_dir`: a local path or a URI."""
+    root = Root(out_dir)
+    if not root.exists():
         raise FileNotFoundError(f"{out_dir}: no such output directory")
-    shards = complete_shards(out_dir)
-    index = read_index(out_dir, shards).to_pydict()
+    shards = complete_shards(root)
+    index = read_index(root, shards).to_pydict()
     status = Counter(index["status"])
     reasons = Counter(r for reason in index["reason"] if reason for r in reason.split(";"))
     total = len(index["key"])
-    manifest_path = out_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = json.loads(root.read("manifest.json") or b"{}")
     summary = {
         "dir": str(out_dir),
         "shards": len(shards),
