@@ -339,3 +339,14 @@ def test_rerun_on_s3_writes_nothing(s3_run, s3, cluster, inputs, tmp_path):
     assert shard_files() == before and complete_shards(S3_OUT) == records  # nothing rewritten or removed
     assert _jobs(cluster.dashboard_url) == jobs_before  # the rerun never joined the cluster
 
+
+
+def test_shard_stats_read_the_bucket(s3_run, s3):
+    from pipelines.stats import shard_summary
+
+    assert s3_run.rc == 0, s3_run.log[-6000:]
+    summary = shard_summary(S3_OUT)
+    index = read_index(S3_OUT).to_pylist()
+    assert summary["shards"] == N_SHARDS and summary["total"] == len(PROMPTS) == len(index)
+    assert summary["accepted"] == sum(r["status"] == "accepted" for r in index)
+    assert summary["thresholds"]["mps"] == SETTINGS["scoring__mps_threshold"]  # the manifest, read from S3
