@@ -46,6 +46,10 @@ START_WAIT_S = "180"  # RAY_raylet_start_wait_time_s: the machine is shared and 
 NODE_START_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 600
 BIN = Path(sys.executable).parent
+# The nodes' address: a loopback address that Ray does not rewrite. For "127.0.0.1" (and
+# "localhost") a multi-node Ray substitutes the machine's routable IP; every byte of this test
+# must stay on the loopback range.
+NODE_HOST = "127.0.0.2"
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +147,8 @@ def cluster(s3, tmp_path_factory):
 
     Not `layton cluster up`: that head runs in Ray's single-machine mode (everything on 127.0.0.1),
     which `ray start --address` refuses to join. In multi-node mode Ray turns 127.0.0.1 into the
-    machine's routable IP, so the nodes and the drivers meet there (the dashboard stays on 127.0.0.1).
+    machine's routable IP, so the nodes (and the drivers) meet on NODE_HOST, another loopback address
+    (the dashboard stays on 127.0.0.1).
     """
     env = {**os.environ, **s3.env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_raylet_start_wait_time_s": START_WAIT_S}
@@ -159,7 +164,7 @@ def cluster(s3, tmp_path_factory):
     try:
         head_temp, head_cwd = _short_temp_dir(tmp_path_factory, "head"), tmp_path_factory.mktemp("head_cwd")
         nodes.append((*_ray_start(
-            ["--head", f"--node-ip-address={HOST}", f"--port={port}", f"--num-cpus={HEAD_CPUS}", "--num-gpus=0",
+            ["--head", f"--node-ip-address={NODE_HOST}", f"--port={port}", f"--num-cpus={HEAD_CPUS}", "--num-gpus=0",
              "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
              *extra("ray-client-server-port", *agent_ports)], head_temp, head_cwd, env), head_temp))
         dashboard_url = f"http://{HOST}:{dashboard_port}"
@@ -169,7 +174,7 @@ def cluster(s3, tmp_path_factory):
             time.sleep(0.5)
         b_temp, b_cwd = _short_temp_dir(tmp_path_factory, "nodeb"), tmp_path_factory.mktemp("nodeb_cwd")
         nodes.append((*_ray_start(
-            [f"--address={HOST}:{port}", f"--node-ip-address={HOST}", f"--num-cpus={NODE_B_CPUS}", "--num-gpus=0",
+            [f"--address={NODE_HOST}:{port}", f"--node-ip-address={NODE_HOST}", f"--num-cpus={NODE_B_CPUS}", "--num-gpus=0",
              '--resources={"node_b": 1}', f"--object-store-memory={512 << 20}",
              "--min-worker-port=0", "--max-worker-port=0",  # any free port, not the head's range
              *extra("node-manager-port", "object-manager-port", *agent_ports)], b_temp, b_cwd, env), b_temp))
@@ -179,11 +184,12 @@ def cluster(s3, tmp_path_factory):
         head_node = [n.node_id for n in alive if n.is_head_node]
         node_b = [n.node_id for n in alive if "node_b" in (n.resources_total or {})]
         assert len(alive) == 2 and len(head_node) == len(node_b) == 1 and head_node != node_b, alive
+        assert {n.node_ip for n in alive} == {NODE_HOST}, alive  # both nodes on the loopback range
         yield SimpleNamespace(
-            address=f"{HOST}:{port}", dashboard_url=dashboard_url, head_node=head_node[0], node_b=node_b[0],
+            address=f"{NODE_HOST}:{port}", dashboard_url=dashboard_url, head_node=head_node[0], node_b=node_b[0],
             local_dirs=[head_temp, head_cwd, b_temp, b_cwd],  # where the nodes' processes write
             # What a driver needs to join (its RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER must not be 0), plus the store.
-            driver_env={"RAY_ADDRESS": f"{HOST}:{port}", "RAY_raylet_start_wait_time_s": START_WAIT_S, **s3.env,
+            driver_env={"RAY_ADDRESS": f"{NODE_HOST}:{port}", "RAY_raylet_start_wait_time_s": START_WAIT_S, **s3.env,
                         **({"RAY_AUTH_MODE": "token"} if "RAY_AUTH_MODE" in env else {})},
         )
     finally:
