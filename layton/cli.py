@@ -63,7 +63,7 @@ def _shards_stats(args) -> None:
     from layton.storage import is_uri
 
     # Beside the shards when they are on a local disk; in the working directory for a URI.
-    plot = Path(args.plot) if args.plot else (Path("score_histograms.png") if is_uri(args.dir) else Path(args.dir) / "score_histograms.png")
+    plot = Path(args.plot or ("score_histograms.png" if is_uri(args.dir) else Path(args.dir) / "score_histograms.png"))
     print(f"histograms: {plot_histograms(summary, plot)}")
 
 

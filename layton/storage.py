@@ -44,15 +44,6 @@ def staging_dir(name: str, uri: str) -> Path:
     return (base / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:10]}").resolve()
 
 
-def _remote_files(fs: pafs.FileSystem, root: str) -> dict[str, int]:
-    """Relative path -> size of every file under `root` ({} when it does not exist)."""
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return {}
-    sel = pafs.FileSelector(root, recursive=True)
-    return {info.path[len(root.rstrip("/")) + 1:]: info.size for info in fs.get_file_info(sel)
-            if info.type == pafs.FileType.File}
-
-
 def _copy(src_fs, src: str, dst_fs, dst: str) -> None:
     with src_fs.open_input_stream(src) as fin, dst_fs.open_output_stream(dst) as fout:
         while chunk := fin.read(8 << 20):
@@ -63,7 +54,7 @@ def pull(uri: str, local: Path) -> int:
     """Copy the files under `uri` missing locally or of another size. Returns how many."""
     fs, root = open_uri(uri)
     local_fs, n = pafs.LocalFileSystem(), 0
-    for rel, size in _remote_files(fs, root).items():
+    for rel, size in Root(uri).list(recursive=True).items():
         dest = local / rel
         if dest.is_file() and dest.stat().st_size == size:
             continue
@@ -79,7 +70,7 @@ def push(local: Path, uri: str) -> int:
     fs, root = open_uri(uri)
     marker = local / SYNC_MARKER
     since = marker.stat().st_mtime if marker.is_file() else 0.0
-    remote = _remote_files(fs, root)
+    remote = Root(uri).list(recursive=True)
     local_fs, n = pafs.LocalFileSystem(), 0
     marker.touch()  # before the scan: a file written during it goes again next time
     for f in sorted(p for p in local.rglob("*") if p.is_file() and p.name != SYNC_MARKER):
@@ -164,9 +155,6 @@ class Root:
             if self.fs.get_file_info(self.join(name)).type == pafs.FileType.NotFound:
                 return None
             raise self._fail("read", name, e) from None
-
-    def open_input(self, name: str):
-        return self.fs.open_input_file(self.join(name))
 
     def list(self, recursive: bool = False) -> dict[str, int]:
         """Relative name -> size of the files below ({} when the directory does not exist)."""

@@ -45,7 +45,7 @@ def _group_file(group: int) -> str:
     return f"{group:06d}.parquet"
 
 
-def read_duplicates(root: Root, kind: str, plan: ShardPlan, group: int, lo: int, hi: int) -> set[int]:
+def read_duplicates(root: Root, kind: str, group: int, lo: int, hi: int) -> set[int]:
     """Global positions in [lo, hi) that the `kind` pass found to repeat an earlier row."""
     sub = root.sub(f"{DEDUP_DIR}/{kind}")
     try:  # row-group statistics prune the read to the few groups that hold [lo, hi)
@@ -60,7 +60,18 @@ def shard_duplicates(root: Root, cfg: PromptsConfig, plan: ShardPlan, shard: int
     i, start, stop = plan.spec(shard)
     base = int(plan.row_offsets[i])
     group = shard // groups_of(plan)
-    return {k: {p - base for p in read_duplicates(root, k, plan, group, base + start, base + stop)} for k in kinds(cfg)}
+    return {k: {p - base for p in read_duplicates(root, k, group, base + start, base + stop)} for k in kinds(cfg)}
+
+
+def _returns(values: list):
+    """A task's return values as Ray expects them for `num_returns=len(values)`."""
+    return values if len(values) > 1 else values[0]
+
+
+def _call(fn, n: int, *args) -> list:
+    """`fn(*args)` as a task with `n` return values; always a list of `n` references."""
+    refs = ray.remote(num_returns=n)(fn).remote(*args)
+    return refs if n > 1 else [refs]
 
 
 def _map(plan: ShardPlan, cfg: PromptsConfig, root: Root, kind: str, group: int, partitions: int):
@@ -74,7 +85,7 @@ def _map(plan: ShardPlan, cfg: PromptsConfig, root: Root, kind: str, group: int,
     rows = []
     for i, (start, stop) in ranges.items():
         base = int(plan.row_offsets[i])
-        dup_ids = ({p - base for p in read_duplicates(root, "id", plan, group, base + start, base + stop)}
+        dup_ids = ({p - base for p in read_duplicates(root, "id", group, base + start, base + stop)}
                    if kind == "text" and cfg.id_column else set())
         for row, pid, text, reason in selected_rows(cfg, plan.files[i], start, stop):
             if kind == "id":
@@ -86,8 +97,7 @@ def _map(plan: ShardPlan, cfg: PromptsConfig, root: Root, kind: str, group: int,
         digests = np.frombuffer(b"".join(d for d, _ in rows), dtype="<u8").reshape(-1, 2)
         arr["hi"], arr["lo"], arr["pos"] = digests[:, 0], digests[:, 1], [p for _, p in rows]
     part = arr["hi"] % partitions
-    out = [arr[part == p] for p in range(partitions)]
-    return out if partitions > 1 else out[0]
+    return _returns([arr[part == p] for p in range(partitions)])
 
 
 def _reduce(plan: ShardPlan, n_groups: int, *parts: np.ndarray):
@@ -96,8 +106,7 @@ def _reduce(plan: ShardPlan, n_groups: int, *parts: np.ndarray):
     repeat = (arr["hi"][1:] == arr["hi"][:-1]) & (arr["lo"][1:] == arr["lo"][:-1])
     dups = arr["pos"][1:][repeat]
     group = plan.shard_of(dups) // groups_of(plan) if dups.size else np.empty(0, np.int64)
-    out = [dups[group == g] for g in range(n_groups)]
-    return out if n_groups > 1 else out[0]
+    return _returns([dups[group == g] for g in range(n_groups)])
 
 
 def _write(root: Root, group: int, *parts: np.ndarray) -> int:
@@ -124,12 +133,8 @@ def run_dedup(plan: ShardPlan, cfg: PromptsConfig, root: Root, max_partitions: i
             sub.write(COMPLETE, json.dumps({"duplicates": 0}).encode())
             continue
         partitions = max(1, min(max_partitions, n_groups))
-        mapper = ray.remote(num_returns=partitions)(_map)
-        reducer = ray.remote(num_returns=n_groups)(_reduce)
-        maps = [mapper.remote(plan, cfg, root, kind, g, partitions) for g in range(n_groups)]
-        maps = [m if partitions > 1 else [m] for m in maps]
-        reds = [reducer.remote(plan, n_groups, *[m[p] for m in maps]) for p in range(partitions)]
-        reds = [r if n_groups > 1 else [r] for r in reds]
+        maps = [_call(_map, partitions, plan, cfg, root, kind, g, partitions) for g in range(n_groups)]
+        reds = [_call(_reduce, n_groups, plan, n_groups, *[m[p] for m in maps]) for p in range(partitions)]
         counts = ray.get([ray.remote(_write).remote(sub, g, *[r[g] for r in reds]) for g in range(n_groups)])
         found[kind] = int(sum(counts))
         sub.write(COMPLETE, json.dumps({"duplicates": found[kind], "groups": n_groups}).encode())

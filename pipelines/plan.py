@@ -76,10 +76,6 @@ def make_plan(prompts: PromptsConfig, shard_size: int) -> ShardPlan:
     return ShardPlan(tuple(list_inputs(prompts)), rows_per_shard(prompts, shard_size), prompts.limit)
 
 
-def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
 def groups_of(plan: ShardPlan, rows: int = 1 << 20) -> int:
     """Shards per group for passes that work on ~`rows` input rows at a time."""
     return max(1, math.ceil(rows / plan.rows_per_shard))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from layton.config import PromptsConfig
-from layton.storage import is_uri, open_uri
+from layton.storage import Root, is_uri
 
 _KEY_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -74,7 +74,7 @@ def id_digest(pid: str) -> bytes:
     return _digest("id", pid)[:16]
 
 
-def in_sample(pid: str, fraction: float | None, seed: int) -> bool:
+def _in_sample(pid: str, fraction: float | None, seed: int) -> bool:
     if fraction is None:
         return True
     return int.from_bytes(_digest("sample", seed, pid)[:8], "little") / 2**64 < fraction
@@ -88,14 +88,12 @@ def resolve_paths(patterns: list[str]) -> list[str]:
         if is_uri(pattern):
             from pyarrow import fs as pafs
 
-            fs, base = open_uri(pattern)
-            info = fs.get_file_info(base)
-            if info.type == pafs.FileType.Directory:
-                found = sorted(f"{pattern.rstrip('/')}/{i.path[len(base.rstrip('/')) + 1:]}"
-                               for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                               if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+            root = Root(pattern)
+            kind = root.fs.get_file_info(root.path).type
+            if kind == pafs.FileType.Directory:
+                found = [f"{pattern.rstrip('/')}/{n}" for n in sorted(root.list(recursive=True)) if n.endswith(".parquet")]
             else:
-                found = [pattern] if info.type == pafs.FileType.File else []
+                found = [pattern] if kind == pafs.FileType.File else []
         else:
             p = Path(pattern)
             if p.is_dir():
@@ -111,10 +109,8 @@ def resolve_paths(patterns: list[str]) -> list[str]:
 
 
 def _parquet(path: str) -> pq.ParquetFile:
-    if is_uri(path):
-        fs, inner = open_uri(path)
-        return pq.ParquetFile(fs.open_input_file(inner))
-    return pq.ParquetFile(path)
+    root = Root(path)  # a local path or a URI alike
+    return pq.ParquetFile(root.fs.open_input_file(root.path))
 
 
 def list_inputs(cfg: PromptsConfig) -> list[InputFile]:
@@ -159,6 +155,11 @@ def read_rows(f: InputFile, start: int, stop: int, columns: list[str]) -> dict[s
         raise OSError(f"prompts: {f.path}: rows {start}-{stop}: {type(e).__name__}: {e}") from None
 
 
+# Every reason the reader (with the dedup pass's verdicts) rejects a row for.
+READER_REASONS = frozenset({"null_prompt", "non_string_prompt", "empty_prompt", "prompt_too_long", "duplicate_prompt",
+                            "duplicate_id"})
+
+
 def reject_reason(text: object, max_chars: int) -> str:
     if text is None:
         return "null_prompt"
@@ -181,7 +182,7 @@ def selected_rows(cfg: PromptsConfig, f: InputFile, start: int, stop: int) -> li
     for i, text in enumerate(texts):
         row = start + i
         pid = key_for(str(ids[i])) if ids is not None else prompt_id(f.name, row)
-        if in_sample(pid, cfg.sample_fraction, cfg.sample_seed):
+        if _in_sample(pid, cfg.sample_fraction, cfg.sample_seed):
             out.append((row, pid, text, reject_reason(text, cfg.max_chars)))
     return out
 

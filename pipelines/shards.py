@@ -65,11 +65,12 @@ def shard_number(name: str) -> int | None:
     return int(stem) if stem.isdigit() and len(stem) >= 5 else None
 
 
-def complete_shards(out: Root | str | Path) -> dict[int, dict]:
+def complete_shards(out: Root | str | Path, files: dict[str, int] | None = None) -> dict[int, dict]:
     """Shard number → stats for every complete shard: a completion record whose tar and index
-    exist, the tar of the recorded size. One listing, then one read per completion record."""
+    exist, the tar of the recorded size. One listing (or `files`, the output's listing), then one
+    read per completion record."""
     root = _root(out)
-    files = root.list()
+    files = root.list() if files is None else files
     found = {}
     for name in sorted(files):
         if not name.endswith(STATS_SUFFIX) or (shard := shard_number(name)) is None:
@@ -84,13 +85,13 @@ def complete_shards(out: Root | str | Path) -> dict[int, dict]:
     return found
 
 
-def remove_incomplete(out: Root | str | Path, complete: set[int]) -> list[str]:
+def remove_incomplete(out: Root | str | Path, complete: set[int], files: dict[str, int] | None = None) -> list[str]:
     """Delete what a killed run left: temp files and the pieces of shards without a valid record."""
     root = _root(out)
     removed = []
-    for name in sorted(root.list()):
+    for name in sorted(root.list() if files is None else files):
         shard = shard_number(name)
-        if ".tmp" in name and shard is not None or (shard is not None and shard not in complete):
+        if shard is not None and (".tmp" in name or shard not in complete):
             root.delete(name)
             removed.append(name)
     return removed

@@ -58,10 +58,13 @@ class _ShardStage(ABC):
     batch_size = 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        rows = [self.process(row) for row in unpack(batch)]
-        for row in rows:  # which process ran this stage on the shard: recorded in its stats
-            row["processed_by"] = json.dumps({**json.loads(row.get("processed_by") or "{}"), self.name: {**writer_identity(), "at": round(time.time(), 3)}})
-        return pack(rows)
+        return pack([self._stamped(self.process(row)) for row in unpack(batch)])
+
+    def _stamped(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Which process ran this stage on the shard, and when: recorded in the shard's stats."""
+        seen = json.loads(row.get("processed_by") or "{}")
+        row["processed_by"] = json.dumps({**seen, self.name: {**writer_identity(), "at": round(time.time(), 3)}})
+        return row
 
     @abstractmethod
     def process(self, row: dict[str, Any]) -> dict[str, Any]:

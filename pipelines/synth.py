@@ -27,7 +27,7 @@ from layton.storage import Root
 from pipelines.dedup import run_dedup, shard_duplicates
 from pipelines.metrics import SynthMetrics
 from pipelines.plan import ShardPlan, make_plan
-from pipelines.prompts import shard_prompts
+from pipelines.prompts import READER_REASONS, shard_prompts
 from pipelines.shard_rows import ACCEPTED, GENERATED, PENDING, REJECTED, pack
 from pipelines.shards import complete_shards, remove_incomplete
 from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage, write_shards
@@ -37,7 +37,6 @@ MANIFEST = "manifest.json"
 # Blocks the driver creates for the shard numbers; beyond that many shards, a streaming repartition
 # splits them into one-shard blocks as the run goes (no per-shard object made up front).
 INPUT_BLOCKS = 1024
-READER_REASONS = {"null_prompt", "non_string_prompt", "empty_prompt", "prompt_too_long", "duplicate_prompt", "duplicate_id"}
 
 
 class ResumeConflict(RuntimeError):
@@ -271,14 +270,15 @@ def run_synth(
     check_synth_models(config)
     root = prepare_output(config, plan, force)
 
-    done = complete_shards(root)
-    removed = remove_incomplete(root, set(done))
+    files = root.list()  # one listing of the output serves both
+    done = complete_shards(root, files)
+    removed = remove_incomplete(root, set(done), files)
     if removed:
         log.info("removed %d leftover file(s) of incomplete shards: %s", len(removed), ", ".join(removed[:8]))
     todo = np.setdiff1d(np.arange(plan.n_shards, dtype=np.int64), np.fromiter(done, np.int64, len(done)))
     result = SynthResult(out_dir=config.output.dir, shards_skipped=len(done), shards_planned=len(todo),
-                         plan={"shards": plan.n_shards, "rows": plan.n_rows, "todo": len(todo),
-                               "rows_per_shard": plan.rows_per_shard, "inputs": len(plan.files)})
+                         plan={"shards": plan.n_shards, "rows": plan.n_rows, "rows_per_shard": plan.rows_per_shard,
+                               "inputs": len(plan.files)})
     if on_plan:
         on_plan(result)
     if len(todo) == 0:
