@@ -67,8 +67,8 @@ def plain_loop(cfg_dict: dict, threads: int) -> tuple[int, float]:
     """The same actor class as a plain object in this process, batch after batch; model load excluded."""
     import torch
 
-    from layton.coco import match_images, read_captions
-    from layton.config import CocoEvalConfig
+    from pipelines.coco import match_images, read_captions
+    from stages.eval_coco.config import CocoEvalConfig
     from workflows.eval_coco import ScorePreferences
 
     torch.set_num_threads(threads)

@@ -56,7 +56,7 @@ def run_command(argv: list[str]) -> dict:
 
 def run_layton(*args: str) -> dict:
     """`layton ARGS` in a subprocess, measured as `run_command` does."""
-    return run_command([sys.executable, "-m", "layton.cli", *args])
+    return run_command([sys.executable, "-m", "app.cli", *args])
 
 
 def tiny_zoo(given: Path | None, tmp: Path) -> Path:

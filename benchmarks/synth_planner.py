@@ -71,7 +71,7 @@ def write_inputs(folder: Path, n: int, file_rows: int, row_group: int | None) ->
 
 
 def config(zoo: Path, inputs: Path, out: Path, shard_size: int):
-    from layton.config import SynthConfig
+    from stages.synth.config import SynthConfig
     from tests.conftest import synth_config_dict
 
     return SynthConfig.model_validate(synth_config_dict(zoo, str(inputs), out, output__shard_size=shard_size))
@@ -83,13 +83,14 @@ def fabricate_complete(cfg) -> int:
     import os
     import socket
 
+    from layton.completion import fingerprint
     from pipelines.plan import make_plan
     from pipelines.shards import STATS_SUFFIX, ShardWriter, shard_name
     from pipelines.synth import prepare_output, sample_meta
 
     plan = make_plan(cfg.prompts, cfg.output.shard_size)
     root = prepare_output(cfg, plan, force=False)
-    writer = ShardWriter(root, 0, 4, sample_meta(cfg))
+    writer = ShardWriter(root, 0, 4, sample_meta(cfg), fingerprint(cfg))
     for i, (status, reason) in enumerate([("accepted", ""), ("accepted", ""), ("rejected", "mps_below_threshold"),
                                           ("rejected", "duplicate_prompt")]):
         sample = {"key": f"k{i}", "prompt": f"prompt {i}", "seed": i, "source": "part-00000.parquet", "row": i,

@@ -65,11 +65,13 @@ def plain_loop(cfg_dict: dict, threads: list[int]) -> dict[int, tuple[int, float
     import numpy as np
     import torch
 
-    from layton.config import SynthConfig
+    from stages.synth.config import SynthConfig
     from layton.storage import Root
+    from layton.completion import fingerprint
     from pipelines.plan import make_plan
     from pipelines.shard_rows import ACCEPTED, unpack
-    from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage, write_shard
+    from pipelines.shards import write_shard
+    from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage
     from pipelines.synth import read_shards, sample_meta
 
     cfg = SynthConfig.model_validate(cfg_dict)
@@ -96,7 +98,7 @@ def plain_loop(cfg_dict: dict, threads: list[int]) -> dict[int, tuple[int, float
             row = read(shard)
             for stage in stages:
                 row = stage.process(row)
-            n += write_shard(root, row, meta, out.image_format)["total"]
+            n += write_shard(root, row, meta, out.image_format, fingerprint(cfg))["total"]
         results[n_threads] = (n, time.perf_counter() - t0)
     return results
 

@@ -201,7 +201,7 @@ def prepare_data(config, shards: Path, args) -> tuple[list[dict], list[dict], di
     import ray
 
     from pipelines.shards import write_image_shards
-    from pipelines.tokenizer_data import precompute, precompute_dir, read_shard_images
+    from pipelines.tokenizer_data import precompute, read_shard_images
 
     write_image_shards(shards, [(f"photo{i}", name, jpeg(photo(name)), "jpg") for i, name in enumerate(PHOTOS)],
                        shard_size=4)
@@ -214,7 +214,7 @@ def prepare_data(config, shards: Path, args) -> tuple[list[dict], list[dict], di
         fly = sorted(read_shard_images(config.data.shards).take_all(), key=lambda r: r["key"])
     finally:
         ray.shutdown()
-    table = pq.read_table(precompute_dir(config))
+    table = pq.read_table(config.precompute_path())
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
     pre = [{name: cols[name][i] for name in cols} for i in range(table.num_rows)]
     pre.sort(key=lambda r: r["key"])
@@ -257,13 +257,14 @@ class PlainLoop:
 
     def step(self, rows: dict, n: int) -> float:
         """make_batch + stage1_loss + backward + grad clip + Adam, as train_loop runs it; seconds."""
+        from workflows.train_common import step_generator
         from workflows.train_tokenizer import make_batch, stage1_loss
 
         cfg = self.config
         t0 = time.perf_counter()
         enc_size = int(np.random.default_rng([cfg.run.seed, n]).choice(cfg.model.encoder_sizes))
         b = make_batch(rows, self.tok, self.args.train_px, enc_size, latents=True, pixels=False)
-        gen = torch.Generator("cpu").manual_seed(cfg.run.seed * 1_000_003 + n * 1009)
+        gen = step_generator(cfg.run.seed, n, 0)
         loss = stage1_loss(self.tok.ladd, self.noise_scheduler, b, gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,9 +292,9 @@ def bench_ray_train(config, args) -> dict:
     import ray
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from workflows.train_tokenizer import run_tokenizer_stage, stage_dir
+    from workflows.train_tokenizer import run_tokenizer_stage
 
-    assert not stage_dir(config, 1).exists(), "a fresh storage dir: the run must not resume"
+    assert not config.stage_dir(1).exists(), "a fresh storage dir: the run must not resume"
     # Started here rather than by run_tokenizer_stage (same settings as config.ray) only to keep the
     # workers' logs off this table; its start-up is timed and added to the wall time.
     t0 = time.perf_counter()
@@ -307,7 +308,7 @@ def bench_ray_train(config, args) -> dict:
     t2 = time.perf_counter()
     assert not result.skipped and result.step == args.train_steps, result
     # Every logging window's samples/s, from the run's TensorBoard (result.metrics holds only the last).
-    ea = EventAccumulator(str(stage_dir(config, 1) / "tensorboard"))
+    ea = EventAccumulator(str(config.stage_dir(1) / "tensorboard"))
     ea.Reload()
     windows = [(e.step, e.value) for e in ea.Scalars("stage1/samples_per_s")]
     return {"ray_init": t1 - t0, "call": result.seconds, "wall": t2 - t0, "final": result.metrics.get("samples_per_s"),
@@ -340,7 +341,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     quiet()
-    from layton.config import TokenizerTrainConfig
+    from stages.tokenizer.config import TokenizerTrainConfig
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="layton-bench-") as tmp:

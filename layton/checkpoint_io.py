@@ -1,8 +1,12 @@
-"""Training state as safetensors + JSON: optimizer moments, LR schedule, step. Nothing pickled.
+"""Checkpoint I/O: exact loading of model weights, and training state as safetensors + JSON.
 
-torch's optimizer `state_dict()` is a nest of tensors and plain values; tensors go to
-`optimizer.safetensors` under "<param index>.<name>", everything else to `trainer_state.json`,
-which is written last (a checkpoint directory without it is incomplete and is refused).
+`load_exact` puts a checkpoint's tensors into a model only when names and shapes match one to one, with
+an error naming the file (the VQ, GPT and scorer loaders use it).
+
+Training state: optimizer moments, LR schedule, step; nothing pickled. torch's optimizer
+`state_dict()` is a nest of tensors and plain values; tensors go to `optimizer.safetensors` under
+"<param index>.<name>", everything else to `trainer_state.json`, which is written last (a checkpoint
+directory without it is incomplete and is refused).
 """
 
 from __future__ import annotations
@@ -16,6 +20,28 @@ from safetensors.torch import load_file, save_file
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
+
+
+def load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """`module.load_state_dict(strict=True, assign=True)` with an error that names the file.
+
+    `assign=True` lets callers build the module on the meta device (no random init of a
+    billion parameters) and take the checkpoint's tensors as they are.
+    """
+    own = module.state_dict()
+    expected, found = set(own), set(tensors)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: checkpoint keys do not match the model: "
+            f"{len(missing)} missing (e.g. {missing[:5]}), {len(unexpected)} unexpected (e.g. {unexpected[:5]})"
+        )
+    for name, tensor in tensors.items():
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}"
+            )
+    module.load_state_dict(tensors, strict=True, assign=True)
 
 
 def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, lr_scheduler, state: dict) -> None:

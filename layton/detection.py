@@ -31,20 +31,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from layton.geneval import GENEVAL_CLASSES, Detection
+from layton.geneval import COCO_TO_GENEVAL, GENEVAL_CLASSES, Detection
 from layton.model_files import check_model_dir
 
 logger = logging.getLogger(__name__)
-
-# transformers/mmdet COCO label -> GenEval's object_names.txt name (where they differ).
-HF_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def geneval_label(name: str) -> str:
     """GenEval's class name for a detector label."""
-    return HF_TO_GENEVAL.get(name, name)
+    return COCO_TO_GENEVAL.get(name, name)
 
 
 def mask_to_box(mask: np.ndarray) -> tuple[float, float, float, float]:

@@ -37,7 +37,6 @@ JSON: 2.1M floats as text would be ~40 MB and slow.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,38 +255,63 @@ def _as_f64(features) -> np.ndarray:
     return f
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """pytorch-fid's `calculate_frechet_distance`: ‖μ1−μ2‖² + Tr(Σ1 + Σ2 − 2·sqrtm(Σ1Σ2)).
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr √(Σ1Σ2) of two symmetric PSD matrices, from a symmetric eigenvalue problem.
 
-    Same steps: `scipy.linalg.sqrtm(Σ1·Σ2)`; if that is not finite (near-singular product), `eps`·I
-    is added to both covariances and it is recomputed; an imaginary part is dropped when the
-    diagonal's is within 1e-3 of 0, else ValueError. Differences: a warning instead of `print`, and
-    sqrtm is called without the deprecated `disp=False` (same matrix; SciPy ≥ 1.16).
+    For any B with B Bᵀ = Σ1, Σ1Σ2 = B·(BᵀΣ2), and XY and YX have the same non-zero eigenvalues, so those
+    of Σ1Σ2 are the eigenvalues μ_i ≥ 0 of the symmetric PSD M = BᵀΣ2B, and the trace of the square
+    root is Σ √μ_i. B = P·L is LAPACK's pivoted Cholesky factor of Σ1 (`dpstrf`), a fraction of the
+    cost of `eigh(Σ1)` with eigenvectors, and rank-revealing: it stops where every remaining pivot is
+    below d·ε·max(diag Σ1), so a singular Σ1 (n ≤ d samples) gives the d×r factor of its rank r and M
+    is r×r, instead of ~d−r directions of rounding noise that would each add ~1e-8·√‖Σ‖ to the trace
+    (pytorch-fid's `sqrtm` carries that noise). Eigenvalues of M below r·ε·max μ are rounding noise
+    too (numpy's `matrix_rank` tolerance) and count as 0. Only the lower triangles are read.
     """
-    from scipy import linalg
+    from scipy.linalg import lapack
 
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    factor, piv, rank, info = lapack.dpstrf(sigma1, lower=1)  # Pᵀ Σ1 P = L Lᵀ, L in the lower triangle
+    if info < 0:
+        raise ValueError(f"LAPACK dpstrf: argument {-info} is invalid")
+    if rank == 0:  # Σ1 = 0
+        return 0.0
+    perm = piv - 1
+    s2 = sigma2[np.ix_(perm, perm)]  # Pᵀ Σ2 P, so that M = Lᵀ (Pᵀ Σ2 P) L
+    if rank == len(perm):
+        # dsygst forms Lᵀ S L (lower triangle) in half the flops of two triangular products; S is
+        # symmetric, so its transpose is the same matrix in the Fortran order LAPACK works in, in place
+        m, info = lapack.dsygst(s2.T, factor, itype=2, lower=1, overwrite_a=1)
+        if info < 0:
+            raise ValueError(f"LAPACK dsygst: argument {-info} is invalid")
+    else:
+        low = np.tril(factor)[:, :rank]
+        m = low.T @ (s2 @ low)
+    mu = np.linalg.eigvalsh(m, UPLO="L")
+    mu = np.where(mu > rank * np.finfo(np.float64).eps * max(mu.max(), 0.0), mu, 0.0)
+    return float(np.sqrt(mu).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2√(Σ1Σ2)) in float64, the value of pytorch-fid's `calculate_frechet_distance`.
+
+    pytorch-fid takes `scipy.linalg.sqrtm` of the non-symmetric product Σ1Σ2 (a complex Schur
+    decomposition; eps·I added when the result is not finite). Only the trace of that root is needed,
+    and `trace_sqrt_product` gets it from a pivoted Cholesky and a symmetric eigenvalue problem:
+    real, never failing on singular covariances, ~10× faster at d = 2048 (`benchmarks/fid.py`). For
+    full-rank covariances (n > d samples) both agree to ~1e-11. For singular ones pytorch-fid's value
+    is off by its `sqrtm` noise (~1e-5..1e-4 at d = 2048 on features of Inception's scale, and −1e-4
+    rather than 0 for identical stats); this one stays within ~1e-9 of the exact value, which
+    `tests/eval/test_metrics.py` checks against the n×n problem computed from the features.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape:
         raise ValueError(f"mean vectors have different lengths: {mu1.shape} vs {mu2.shape}")
-    if sigma1.shape != sigma2.shape:
-        raise ValueError(f"covariances have different dimensions: {sigma1.shape} vs {sigma2.shape}")
+    if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"covariances of shapes {sigma1.shape}, {sigma2.shape} for means of length {mu1.shape[0]}")
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("Fréchet distance of non-finite statistics")
     diff = mu1 - mu2
-
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"FID calculation produces singular product; adding {eps} to diagonal of cov estimates",
-                      RuntimeWarning, stacklevel=2)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-
-    if np.iscomplexobj(covmean):  # numerical error might give a slight imaginary component
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
-        covmean = covmean.real
-
-    tr_covmean = np.trace(covmean)
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
@@ -306,4 +330,5 @@ __all__ = [
     "frechet_distance",
     "load_fid_inception",
     "load_fid_inception_state",
+    "trace_sqrt_product",
 ]

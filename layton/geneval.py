@@ -53,6 +53,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from layton.completion import mark_complete
+from layton.tables import Table
+
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 # The paper's table columns (Layton and GenEval papers), in TAGS order.
@@ -65,9 +68,9 @@ TASK_COLUMNS = {
     "color_attr": "Color Attri.",
 }
 
-# GenEval's `object_names.txt`: the 80 COCO instance classes in COCO order, with mmdet's names except
-# three that GenEval renamed ("mouse", "remote", "keyboard" are ambiguous in a prompt).
-GENEVAL_CLASSES = (
+# The 80 COCO instance classes in COCO order, with mmdet's names: the id2label of transformers'
+# Mask2Former COCO instance checkpoints (huggingface/label-files coco-detection-mmdet-id2label.json).
+COCO_INSTANCE_LABELS = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
     "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
     "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
@@ -75,10 +78,16 @@ GENEVAL_CLASSES = (
     "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
     "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
     "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
+
+# GenEval's `object_names.txt` renames three of them, which are ambiguous in a prompt.
+COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+
+# GenEval's `object_names.txt`: the COCO classes in COCO order, under GenEval's names.
+GENEVAL_CLASSES = tuple(COCO_TO_GENEVAL.get(name, name) for name in COCO_INSTANCE_LABELS)
 
 # The colour list of evaluate_images.py (and of create_prompts.py), in classifier order.
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -222,12 +231,14 @@ def sample_dir(outdir: str | Path, index: int) -> Path:
     return Path(outdir) / f"{index:05d}"
 
 
-def write_sample_dir(outdir: str | Path, prompt: GenEvalPrompt, images: Sequence[Image.Image]) -> Path:
+def write_sample_dir(outdir: str | Path, prompt: GenEvalPrompt, images: Sequence[Image.Image],
+                     fingerprint: str) -> Path:
     """Write one prompt's folder in GenEval's layout; returns `<outdir>/<index:05d>`.
 
     The folder is assembled under a dot-name (which GenEval's evaluator and `read_sample_dirs`
     skip) and renamed into place, so a reader never sees half a folder. An existing folder for the
-    same index is replaced.
+    same index is replaced. The folder's completion record (with the generation settings'
+    `fingerprint`) is written last, before the rename.
     """
     if not images:
         raise ValueError(f"prompt {prompt.index} ({prompt.prompt!r}): no images to write")
@@ -241,6 +252,7 @@ def write_sample_dir(outdir: str | Path, prompt: GenEvalPrompt, images: Sequence
         (tmp / "metadata.jsonl").write_text(json.dumps(prompt.raw), encoding="utf-8")
         for k, image in enumerate(images):
             image.save(tmp / "samples" / f"{k:04d}.png")
+        mark_complete(tmp, fingerprint, images=len(images))
         if final.exists():
             old = outdir / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)
@@ -497,11 +509,8 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
-def markdown_table(summary: dict, name: str) -> str:
+def result_table(summary: dict, name: str) -> Table:
     """The paper's GenEval table row (Layton Table: Single Obj., Two Obj., Counting, Colors,
-    Position, Color Attri., Overall) as markdown, two decimals, "–" for a task without images."""
-    header = ["Method", *TASK_COLUMNS.values(), "Overall"]
-    row = [name, *(_fmt(summary["tasks"].get(tag)) for tag in TAGS), _fmt(summary["overall"])]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" :---: "] * (len(header) - 1)) + "|",
-             "| " + " | ".join(row) + " |"]
-    return "\n".join(lines) + "\n"
+    Position, Color Attri., Overall), two decimals, "–" for a task without images."""
+    return Table(["Method", *TASK_COLUMNS.values(), "Overall"],
+                 [[name, *(_fmt(summary["tasks"].get(tag)) for tag in TAGS), _fmt(summary["overall"])]])

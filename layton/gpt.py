@@ -31,6 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layton.checkpoint_io import load_exact
+from layton.model_files import check_file
+from layton.model_files import load_torch_state_dict
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -355,7 +359,6 @@ class GPT(nn.Module):
     def from_pretrained(cls, directory: str | Path, device="cpu") -> GPT:
         from safetensors.torch import load_file
 
-        from layton.model_files import check_file
 
         d = Path(directory)
         cfg = GPTConfig.from_dict(json.loads(check_file(d / CONFIG_NAME, "LaytonGen GPT config").read_text()))
@@ -364,8 +367,6 @@ class GPT(nn.Module):
 
 
 def _materialise(cfg: GPTConfig, sd: dict[str, torch.Tensor], source) -> GPT:
-    from layton.scorers.restricted_unpickle import load_exact
-
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = GPT(cfg)
     load_exact(model, sd, source)
@@ -379,8 +380,6 @@ def load_llamagen_gpt(path: str | Path, n_head: int | None = None, **config_kw) 
     KV-cache buffers that a checkpoint saved after sampling may carry are dropped. `config_kw`
     sets what the tensors cannot tell (block_size for a 24x24 grid, dropout rates for fine-tuning).
     """
-    from layton.model_files import load_torch_state_dict
-
     sd = load_torch_state_dict(path, "LlamaGen GPT")
     sd = {k: v for k, v in sd.items() if ".kv_cache." not in k and k not in ("freqs_cis", "causal_mask")}
     try:

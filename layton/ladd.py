@@ -3,35 +3,57 @@
     eps = UNet(z_t, t; residuals = ZeroConv(ControlNet(z_t + E(tokens), t)))
 
 The trainable part is a ControlNet-style copy of the UNet's input stem, down and mid blocks
-(diffusers `ControlNetModel.from_unet`, whose per-block outputs are zero-initialised 1x1 convs)
-plus `TokenConditionEmbedder`, which lifts the token grid (14², 16² or 18² codebook vectors) onto
-the latent grid (64² at 512 px, 128² at 1024 px) and ends in a zero-initialised conv. Both zeros
-together make LADD's output at initialisation exactly the frozen UNet's output.
+(`LaddControlNet`: diffusers `ControlNetModel.from_unet`, whose per-block outputs are zero-initialised
+1x1 convs, without its pixel-space condition embedder) plus `TokenConditionEmbedder`, which lifts the
+token grid (14², 16² or 18² codebook vectors) onto the latent grid (64² at 512 px, 128² at 1024 px)
+and ends in a zero-initialised conv. Both zeros together make LADD's output at initialisation exactly
+the frozen UNet's output.
 
 SDXL's text conditions are fixed: the embeddings of the empty prompt (both text encoders) are
-computed once from the SDXL release and stored with every checkpoint, so decoding never loads the
-text encoders. The size conditions (`time_ids`) follow the decoded resolution.
+computed once from the SDXL release and stored with every checkpoint (`EmptyPromptConditions`), so
+decoding never loads the text encoders. The size conditions (`time_ids`) follow the decoded resolution.
+
+Saved form. Each part LADD holds is a diffusers `ModelMixin` + `ConfigMixin` with its own subfolder
+(`save_pretrained`: config.json + diffusion_pytorch_model.safetensors, safetensors only):
+
+    controlnet/      LaddControlNet           trained
+    embedder/        TokenConditionEmbedder   trained
+    empty_prompt/    EmptyPromptConditions    fixed, computed from the SDXL release
+
+LADD itself is the composite that joins them to the frozen UNet. Like diffusers' `MultiControlNetModel`
+it has no weights file or config of its own: its `save_pretrained` writes the parts above, never the
+UNet, and `LADD.from_pretrained(dir, unet=...)` joins the UNet the caller loaded (the tokenizer directory
+names the SDXL release and consistency LoRA it comes from).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from diffusers import ConfigMixin, ControlNetModel, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
+
+from layton.model_files import ModelFileError
 
 TRAINABLE_PREFIXES = ("controlnet.", "cond_embedder.")
 
 
-class TokenConditionEmbedder(nn.Module):
+class TokenConditionEmbedder(ModelMixin, ConfigMixin):
     """Token features (B, C, h, w) -> a residual (B, out, H, W) on the latent grid.
 
     Each stage doubles the grid (nearest + conv); a final resize lands exactly on the latent grid,
     so any token grid (14/16/18) maps onto any latent grid (64/128).
     """
 
+    @register_to_config
     def __init__(self, in_channels: int, channels: list[int], out_channels: int):
         super().__init__()
-        self.config = {"in_channels": in_channels, "channels": list(channels), "out_channels": out_channels}
+        channels = list(channels)
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1), nn.SiLU())
@@ -50,37 +72,116 @@ class TokenConditionEmbedder(nn.Module):
         return self.conv_out(x)
 
 
-def controlnet_from_unet(unet):
-    """The trainable copy: ControlNet initialised from `unet`, its pixel-space embedder removed."""
-    from diffusers import ControlNetModel
+class LaddControlNet(ControlNetModel):
+    """The trainable copy: a diffusers ControlNet whose pixel-space condition embedder is removed
+    (the token embedder takes its place), so its saved weights are only what training changes."""
 
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16,))
-    controlnet.controlnet_cond_embedding = nn.Identity()  # the token embedder takes its place
-    return controlnet
-
-
-def controlnet_from_config(config: dict):
-    from diffusers import ControlNetModel
-
-    controlnet = ControlNetModel.from_config(config)
-    controlnet.controlnet_cond_embedding = nn.Identity()
-    return controlnet
+    # The signature is ControlNetModel's (wraps), so ConfigMixin reads and writes the same config.
+    @functools.wraps(ControlNetModel.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.controlnet_cond_embedding = nn.Identity()
 
 
-class LADD(nn.Module):
-    def __init__(self, unet, controlnet, cond_embedder: TokenConditionEmbedder, prompt_embeds, pooled_prompt_embeds):
+class EmptyPromptConditions(ModelMixin, ConfigMixin):
+    """SDXL's embeddings of "": the cross-attention states and the pooled text embedding (fixed buffers)."""
+
+    @register_to_config
+    def __init__(self, sequence_length: int = 77, hidden_size: int = 2048, pooled_size: int = 1280):
+        super().__init__()
+        self.register_buffer("prompt_embeds", torch.zeros(1, sequence_length, hidden_size))
+        self.register_buffer("pooled_prompt_embeds", torch.zeros(1, pooled_size))
+
+    @classmethod
+    def from_tensors(cls, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor) -> EmptyPromptConditions:
+        out = cls(sequence_length=prompt_embeds.shape[1], hidden_size=prompt_embeds.shape[2], pooled_size=pooled_prompt_embeds.shape[1])
+        out.prompt_embeds.copy_(prompt_embeds.detach().reshape(out.prompt_embeds.shape))
+        out.pooled_prompt_embeds.copy_(pooled_prompt_embeds.detach().reshape(out.pooled_prompt_embeds.shape))
+        return out
+
+
+def controlnet_from_unet(unet) -> LaddControlNet:
+    """The trainable copy initialised from `unet` (its unused pixel embedder built at the smallest size)."""
+    return LaddControlNet.from_unet(unet, conditioning_embedding_out_channels=(16,))
+
+
+# Subfolder -> (LADD attribute, class): the parts LADD saves, in the order they are written.
+PARTS = {
+    "controlnet": ("controlnet", LaddControlNet),
+    "embedder": ("cond_embedder", TokenConditionEmbedder),
+    "empty_prompt": ("empty_prompt", EmptyPromptConditions),
+}
+TRAINABLE_PARTS = ("controlnet", "embedder")
+
+
+def read_part_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of one saved part (diffusers' single file, or its shards and index)."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+
+    d = Path(directory)
+    if (d / SAFETENSORS_WEIGHTS_NAME).is_file():
+        return load_file(d / SAFETENSORS_WEIGHTS_NAME)
+    if (d / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        shards = sorted(set(json.loads((d / SAFE_WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(d / shard).items()}
+    raise ModelFileError(f"{d} has no {SAFETENSORS_WEIGHTS_NAME} (nor a sharded index)")
+
+
+class LADD(ModelMixin):
+    def __init__(self, unet, controlnet: LaddControlNet, cond_embedder: TokenConditionEmbedder, empty_prompt: EmptyPromptConditions):
         super().__init__()
         self.unet = unet
         self.unet.requires_grad_(False)
         self.controlnet = controlnet
         self.cond_embedder = cond_embedder
-        self.register_buffer("prompt_embeds", prompt_embeds.detach().clone(), persistent=False)
-        self.register_buffer("pooled_prompt_embeds", pooled_prompt_embeds.detach().clone(), persistent=False)
+        self.empty_prompt = empty_prompt
 
     @classmethod
     def from_unet(cls, unet, token_channels: int, embedder_channels: list[int], prompt_embeds, pooled_prompt_embeds) -> LADD:
-        embedder = TokenConditionEmbedder(token_channels, embedder_channels, unet.config.block_out_channels[0])
-        return cls(unet, controlnet_from_unet(unet), embedder, prompt_embeds, pooled_prompt_embeds)
+        """An untrained LADD: the embedder (built first: a fixed order of random draws) and the copy of `unet`."""
+        # Keywords: diffusers records positional arguments as defaults, which `from_config` would then drop.
+        embedder = TokenConditionEmbedder(in_channels=token_channels, channels=list(embedder_channels),
+                                          out_channels=unet.config.block_out_channels[0])
+        return cls(unet, controlnet_from_unet(unet), embedder, EmptyPromptConditions.from_tensors(prompt_embeds, pooled_prompt_embeds))
+
+    # --- saved form ----------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, **kwargs) -> Path:
+        """Write the parts (`PARTS`) as subfolders of `directory`; the frozen UNet is not written."""
+        directory = Path(directory)
+        for sub, (attr, _) in PARTS.items():
+            getattr(self, attr).save_pretrained(directory / sub, safe_serialization=True, **kwargs)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, unet) -> LADD:
+        """The parts saved in `directory` joined to the frozen `unet` (already loaded, LoRA fused); in
+        eval mode, as diffusers' `from_pretrained` returns models."""
+        directory = Path(directory)
+        parts = {attr: klass.from_pretrained(directory / sub, use_safetensors=True, local_files_only=True)
+                 for sub, (attr, klass) in PARTS.items()}
+        return cls(unet, **parts).eval()
+
+    def load_trained(self, directory: str | Path) -> None:
+        """Resume: the trainable parts' weights from a saved directory, into this LADD's modules."""
+        directory = Path(directory)
+        state = {}
+        for sub in TRAINABLE_PARTS:
+            attr = PARTS[sub][0]
+            state.update({f"{attr}.{k}": v for k, v in read_part_weights(directory / sub).items()})
+        self.load_trainable_state_dict(state)
+
+    # --- training ------------------------------------------------------------------------------
+
+    @property
+    def prompt_embeds(self) -> torch.Tensor:
+        return self.empty_prompt.prompt_embeds
+
+    @property
+    def pooled_prompt_embeds(self) -> torch.Tensor:
+        return self.empty_prompt.pooled_prompt_embeds
 
     def train(self, mode: bool = True) -> LADD:
         super().train(mode)

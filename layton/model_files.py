@@ -105,6 +105,30 @@ def check_synth_models(config) -> None:
     check_model_dir(config.recaption.model, "recaption.model")
 
 
+def read_model_index(directory: str | Path, class_name: str, fmt: str, what: str, kind: str,
+                     legacy: Exception | None = None) -> dict:
+    """A diffusers-style directory's `model_index.json`, parsed, of class `class_name` and format
+    `fmt`; `legacy` is raised when the index is missing and the directory has the old layout.
+    Errors name `what` and the path; `kind` says what the directory should be ("a Layton tokenizer")."""
+    d = Path(directory)
+    index_path = d / "model_index.json"
+    if not index_path.is_file():
+        if legacy is not None:
+            raise legacy
+        reason = "it does not exist" if not d.exists() else "no model_index.json"
+        raise ModelFileError(f"{what}: {d} is not {kind} directory ({reason})")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{what}: {index_path} is not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("_class_name") != class_name:
+        found = index.get("_class_name") if isinstance(index, dict) else None
+        raise ModelFileError(f"{what}: {index_path} describes a {found!r}, not {kind}")
+    if index.get("format") != fmt:
+        raise ModelFileError(f"{what}: {index_path} has format {index.get('format')!r}, expected {fmt!r}")
+    return index
+
+
 def load_torch_state_dict(path: str | Path, what: str, map_location="cpu", mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of an upstream `.pt` release, read with `weights_only=True` (no pickled code runs).
 

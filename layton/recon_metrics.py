@@ -11,35 +11,31 @@ merges the states; memory is constant in the number of images and of workers (a 
   rounded to float64 once, in `result()`. (Per-image values are deterministic for PSNR/SSIM; LPIPS
   values are whatever the caller computed, e.g. batch-size-dependent GPU kernels are out of scope.)
 - rfid agrees to ~1e-9 relative: the feature sums are float64 running sums (relative differences
-  ~1e-15 from summation order), and `scipy.linalg.sqrtm` turns those into FID differences of about
-  1e-12..1e-9 relative for well-conditioned covariances (more when n < 2048 leaves them singular).
+  ~1e-15 from summation order), and `layton.fid.frechet_distance` turns those into FID differences of
+  about 1e-12..1e-9 relative for well-conditioned covariances (more when n < 2048 leaves them singular).
 
-PSNR and SSIM are computed on uint8 RGB at the evaluation size (1024² in the design, §3):
-- `psnr` = skimage's `peak_signal_noise_ratio(a, b, data_range=255)`; identical images give +inf,
-  which the state caps at `PSNR_CAP` dB before averaging (a mean over an infinite value is useless).
-- `ssim` = skimage's `structural_similarity(a, b, channel_axis=-1, data_range=255)` with its defaults:
-  7×7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance (×49/48), the mean over the windows
-  that lie inside the image (skimage crops 3 px, exactly the valid windows), averaged over channels.
-  The window sums are exact integers (int32 sliding sums), so no SciPy filter is needed and the
-  result differs from skimage's float running sums by ~1e-13.
+PSNR and SSIM are scikit-image's, on uint8 RGB at the evaluation size (1024² in the design, §3):
+- `psnr` = `peak_signal_noise_ratio(a, b, data_range=255)`; identical images give +inf, which the
+  state caps at `PSNR_CAP` dB before averaging (a mean over an infinite value is useless).
+- `ssim` = `structural_similarity(a, b, channel_axis=-1, data_range=255)` with its defaults (7×7
+  uniform window, K1 = 0.01, K2 = 0.03, sample covariance, mean over the valid windows, averaged over
+  channels). Both are deterministic functions of the two images, which the exact sums need.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
 
 from layton.fid import FeatureStats, fid_from_stats
+from layton.vq import preprocess
 
 PSNR_CAP = 100.0  # dB, for identical images (PSNR = inf)
-SSIM_WIN = 7
-SSIM_K1, SSIM_K2 = 0.01, 0.03
-DATA_RANGE = 255.0
+DATA_RANGE = 255
 METRICS = ("psnr", "ssim", "lpips")
 
 
@@ -47,6 +43,8 @@ METRICS = ("psnr", "ssim", "lpips")
 
 
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    # skimage would accept floats and other shapes silently (guessing a data range); the metrics are
+    # defined on uint8 pairs only.
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"images have different shapes: {a.shape} vs {b.shape}")
@@ -56,49 +54,24 @@ def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 
 def psnr(a, b) -> float:
-    """PSNR in dB of two uint8 images of one shape (data range 255); +inf when they are equal."""
+    """skimage's `peak_signal_noise_ratio(a, b, data_range=255)` of two uint8 images of one shape, in dB;
+    +inf when they are equal."""
+    from skimage.metrics import peak_signal_noise_ratio
+
     a, b = _pair(a, b)
-    d = a.astype(np.int32) - b.astype(np.int32)
-    sq = int(np.sum(d * d, dtype=np.int64))  # exact, as skimage's float64 mean of integers is
-    if sq == 0:
-        return math.inf
-    return float(10 * np.log10(DATA_RANGE**2 / (sq / d.size)))
-
-
-def _window_sums(x: np.ndarray, w: int) -> np.ndarray:
-    """Sums over every w×w window lying inside the (C, H, W) integer array: (C, H-w+1, W-w+1), exact.
-    (Sliding sums of shifted views: cheaper here than cumsum along a strided axis.)"""
-    h, wd = x.shape[1:]
-    rows = x[:, : h - w + 1].copy()
-    for i in range(1, w):
-        rows += x[:, i : h - w + 1 + i]
-    out = rows[:, :, : wd - w + 1].copy()
-    for i in range(1, w):
-        out += rows[:, :, i : wd - w + 1 + i]
-    return out
+    with np.errstate(divide="ignore"):  # identical images: log10(x / 0) = inf, as intended
+        return float(peak_signal_noise_ratio(a, b, data_range=DATA_RANGE))
 
 
 def ssim(a, b) -> float:
-    """skimage's `structural_similarity(a, b, channel_axis=-1, data_range=255)` for uint8 (H, W, C)
-    images (or (H, W) grey ones); see the module docstring."""
+    """skimage's `structural_similarity(a, b, channel_axis=-1, data_range=255)` of uint8 (H, W, C) images
+    (or of (H, W) grey ones, without a channel axis); at least 7×7 pixels (ValueError otherwise)."""
+    from skimage.metrics import structural_similarity
+
     a, b = _pair(a, b)
-    if a.ndim == 2:
-        a, b = a[..., None], b[..., None]
-    if a.ndim != 3 or min(a.shape[:2]) < SSIM_WIN:
-        raise ValueError(f"SSIM needs (H, W, C) images of at least {SSIM_WIN}×{SSIM_WIN} pixels, got {a.shape}")
-    w = SSIM_WIN
-    n = w * w
-    x = np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.int32)  # window sums ≤ 49·255² fit int32
-    y = np.ascontiguousarray(b.transpose(2, 0, 1), dtype=np.int32)
-    sx, sy, sxx, syy, sxy = (_window_sums(v, w).astype(np.float64) for v in (x, y, x * x, y * y, x * y))
-    # skimage's terms with means ux = sx/n and sample (co)variances vxy = (n·sxy − sx·sy)/(n(n−1)),
-    # each factor scaled by n² or n(n−1) so that everything but the constants is an exact integer.
-    c1 = (SSIM_K1 * DATA_RANGE) ** 2 * n * n
-    c2 = (SSIM_K2 * DATA_RANGE) ** 2 * n * (n - 1)
-    sx_sy = sx * sy
-    sq = sx * sx + sy * sy
-    s = ((2 * sx_sy + c1) * (2 * (n * sxy - sx_sy) + c2)) / ((sq + c1) * (n * (sxx + syy) - sq + c2))
-    return float(np.mean([s[ch].mean(dtype=np.float64) for ch in range(s.shape[0])]))
+    if a.ndim not in (2, 3):
+        raise ValueError(f"SSIM needs (H, W, C) or (H, W) images, got {a.shape}")
+    return float(structural_similarity(a, b, channel_axis=-1 if a.ndim == 3 else None, data_range=DATA_RANGE))
 
 
 def to_uint8_rgb(image, size: int) -> np.ndarray:
@@ -106,8 +79,6 @@ def to_uint8_rgb(image, size: int) -> np.ndarray:
     exactly as `layton.tokenizer.images_to_tensor` prepares tokenizer inputs (`layton.vq.preprocess`:
     PIL `convert("RGB")` — alpha dropped, not composited; P goes through RGBA —, shorter side resized
     to `size` bicubic with antialiasing, centre crop), mapped back from [-1, 1] to uint8 by rounding."""
-    from layton.vq import preprocess
-
     x = preprocess([image], size)[0]
     return ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 

@@ -1,44 +1,119 @@
 """LaytonTokenizer: image -> 256 token ids (LlamaGen VQ-16) -> image (LADD + SDXL VAE).
 
 A tokenizer directory holds only what training produced; the frozen upstream weights are named by
-path, so a checkpoint is megabytes, not the 7 GB of SDXL:
+path, so a checkpoint is the size of the ControlNet copy, not the 7 GB of SDXL. Its one index file is
+`model_index.json` (diffusers' name); each part it holds is a diffusers model in a subfolder named
+by its index key, relative to the directory, so the directory can be moved or copied whole:
 
-    tokenizer_config.json    paths of the VQ checkpoint, SDXL release, VAE and consistency LoRA,
-                             the encoder size, the embedder and ControlNet configs, the stage
-    ladd.safetensors         the trainable ControlNet copy and token condition embedder
-    empty_prompt.safetensors SDXL's fixed empty-prompt conditions
+    model_index.json
+        _class_name      "LaytonTokenizer"
+        format           "layton-tokenizer/2"
+        stage            0 (untrained), 1 or 2
+        encoder_size     the VQ input size `encode` uses by default (256 px -> 16x16 tokens)
+        controlnet       ["layton.ladd", "LaddControlNet"]           -> controlnet/
+        embedder         ["layton.ladd", "TokenConditionEmbedder"]   -> embedder/
+        empty_prompt     ["layton.ladd", "EmptyPromptConditions"]    -> empty_prompt/
+        vq, sdxl, vae    the upstream releases (absolute paths, or hub ids): the LlamaGen VQ .pt,
+                         the SDXL release (UNet, scheduler, and VAE unless `vae` names one)
+        consistency      stage 2: {kind, lora, lora_scale, timesteps}; its LoRA is fused into the
+                         UNet at load time. null before stage 2.
+    controlnet/      config.json + diffusion_pytorch_model.safetensors   the trained ControlNet copy
+    embedder/        config.json + diffusion_pytorch_model.safetensors   the trained token embedder
+    empty_prompt/    config.json + diffusion_pytorch_model.safetensors   SDXL's fixed empty-prompt conditions
 
-`from_pretrained(DIR, sdxl=..., vq=...)` overrides a path when the weights moved. A stage-2
-directory names its consistency LoRA, which is fused into the UNet at load time.
+The index is written last (a directory with an index is a whole checkpoint).
+`from_pretrained(DIR, sdxl=..., vq=..., vae=..., lora=...)` overrides an upstream path when the
+weights moved. A directory in the first layout (`tokenizer_config.json` + `ladd.safetensors`) is
+refused with a `ModelFileError` that says how to convert it (`convert_legacy_tokenizer`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
-from layton.ladd import LADD, TokenConditionEmbedder, controlnet_from_config, empty_prompt_conditions
+from layton.ladd import LADD, PARTS, EmptyPromptConditions, LaddControlNet, TokenConditionEmbedder, empty_prompt_conditions
 from layton.ladd_sampling import consistency_latents, ddim_latents
-from layton.model_files import ModelFileError, check_file, check_model_dir
+from layton.lora import fuse_lora_into_unet
+from layton.model_files import ModelFileError, check_file, check_model_dir, read_model_index
+from layton.vq import load_llamagen_vq
+from layton.vq import preprocess
 
-CONFIG_NAME = "tokenizer_config.json"
-WEIGHTS_NAME = "ladd.safetensors"
-EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
-FORMAT = "layton-tokenizer/1"
+INDEX_NAME = "model_index.json"
+CLASS_NAME = "LaytonTokenizer"
+FORMAT = "layton-tokenizer/2"
+SPEC_KEYS = ("format", "stage", "encoder_size", "vq", "sdxl", "vae", "consistency")
+# The first layout, still recognised so that it can be refused clearly and converted.
+LEGACY_CONFIG_NAME = "tokenizer_config.json"
+LEGACY_WEIGHTS_NAME = "ladd.safetensors"
+LEGACY_EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
+LEGACY_FORMAT = "layton-tokenizer/1"
 
 
 def _path_or_id(p: str | None) -> str | None:
-    """Local paths are stored absolute so a checkpoint loads from any working directory."""
+    """Upstream paths are stored absolute so a checkpoint loads from any working directory (and after
+    the checkpoint itself moved); what is not a local path (a hub id) is kept as given."""
     if p is None:
         return None
     return str(Path(p).resolve()) if Path(p).exists() else p
+
+
+def _read_legacy_spec(directory: Path) -> dict | None:
+    """The spec of a first-layout tokenizer directory, or None (HF text tokenizers use the same file name)."""
+    try:
+        spec = json.loads((directory / LEGACY_CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) and spec.get("format") == LEGACY_FORMAT else None
+
+
+def _legacy_error(directory: Path, what: str) -> ModelFileError:
+    return ModelFileError(
+        f"{what}: {directory} is a Layton tokenizer in the old layout ({LEGACY_CONFIG_NAME} + {LEGACY_WEIGHTS_NAME}, "
+        f"format {LEGACY_FORMAT}); convert it once into the {INDEX_NAME} layout with "
+        f"`layton convert tokenizer {directory} NEW_DIR` (layton.tokenizer.convert_legacy_tokenizer) and load NEW_DIR"
+    )
+
+
+def read_tokenizer_index(directory: str | Path, what: str = "tokenizer") -> dict:
+    """The parsed `model_index.json` of a tokenizer directory, checked: its class, format and the parts
+    it names (config + readable safetensors headers, no weights loaded). Errors name `what` and the path."""
+    d = Path(directory)
+    legacy = _legacy_error(d, what) if not (d / INDEX_NAME).is_file() and _read_legacy_spec(d) is not None else None
+    index = read_model_index(d, CLASS_NAME, FORMAT, what, "a Layton tokenizer", legacy)
+    index_path = d / INDEX_NAME
+    for sub in PARTS:
+        if not isinstance(index.get(sub), list):
+            raise ModelFileError(f"{what}: {index_path} does not name its {sub!r} part")
+        check_model_dir(d / sub, f"{what} ({sub}/ of {d})")
+    return index
+
+
+def is_tokenizer_dir(directory: str | Path) -> bool:
+    """Whether `directory` holds a tokenizer index. A directory in the old layout is neither yes nor no:
+    it raises the `ModelFileError` that says how to convert it."""
+    d = Path(directory)
+    if not (d / INDEX_NAME).is_file() and _read_legacy_spec(d) is not None:
+        raise _legacy_error(d, "tokenizer")
+    return (d / INDEX_NAME).is_file()
+
+
+def _write_index(directory: Path, spec: dict) -> None:
+    import diffusers
+
+    index = {"_class_name": CLASS_NAME, "_diffusers_version": diffusers.__version__, "format": FORMAT,
+             **{k: spec[k] for k in SPEC_KEYS if k != "format"},
+             **{sub: [klass.__module__, klass.__name__] for sub, (_, klass) in PARTS.items()}}
+    tmp = directory / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1, default=str))
+    os.replace(tmp, directory / INDEX_NAME)
 
 
 def check_tokenizer_models(model_cfg, consistency=None, lpips=None) -> None:
@@ -56,8 +131,6 @@ def check_tokenizer_models(model_cfg, consistency=None, lpips=None) -> None:
 
 def images_to_tensor(images, size: int) -> torch.Tensor:
     """PIL images / HWC uint8 arrays -> (B, 3, size, size) in [-1, 1]: RGB, short side resized, centre crop."""
-    from layton.vq import preprocess
-
     return preprocess(list(images), size)
 
 
@@ -92,7 +165,6 @@ class LaytonTokenizer:
     def _load_upstream(vq_path: str, sdxl: str, vae_path: str | None, dtype: torch.dtype):
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-        from layton.vq import load_llamagen_vq
 
         vq = load_llamagen_vq(vq_path)
         unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet", torch_dtype=dtype)
@@ -110,12 +182,10 @@ class LaytonTokenizer:
         spec = {
             "format": FORMAT,
             "stage": 0,
+            "encoder_size": model_cfg.inference_encoder_size,
             "vq": _path_or_id(model_cfg.vq),
             "sdxl": _path_or_id(model_cfg.sdxl),
             "vae": _path_or_id(model_cfg.vae),
-            "encoder_size": model_cfg.inference_encoder_size,
-            "embedder": ladd.cond_embedder.config,
-            "controlnet": dict(ladd.controlnet.config),
             "consistency": None,
         }
         return cls(vq, ladd, vae, sched, spec)
@@ -131,38 +201,30 @@ class LaytonTokenizer:
         lora: str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> LaytonTokenizer:
+        """Load a tokenizer directory; `vq` / `sdxl` / `vae` / `lora` override upstream paths that moved."""
         directory = Path(directory)
-        cfg_path = directory / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise ModelFileError(f"tokenizer: {directory} has no {CONFIG_NAME} (not a Layton tokenizer directory)")
-        spec = json.loads(cfg_path.read_text())
-        if spec.get("format") != FORMAT:
-            raise ModelFileError(f"tokenizer: {cfg_path} has format {spec.get('format')!r}, expected {FORMAT!r}")
+        index = read_tokenizer_index(directory)
+        where = directory / INDEX_NAME
+        spec = {k: index.get(k) for k in SPEC_KEYS}
         spec["vq"], spec["sdxl"], spec["vae"] = vq or spec["vq"], sdxl or spec["sdxl"], vae or spec["vae"]
         if lora and spec.get("consistency"):
-            spec["consistency"]["lora"] = lora
-        check_file(spec["vq"], f"tokenizer vq (from {cfg_path})")
-        check_model_dir(spec["sdxl"], f"tokenizer sdxl (from {cfg_path})", marker="model_index.json")
+            spec["consistency"] = {**spec["consistency"], "lora": lora}
+        check_file(spec["vq"], f"tokenizer vq (from {where})")
+        check_model_dir(spec["sdxl"], f"tokenizer sdxl (from {where})", marker="model_index.json")
 
         vq_model, unet, vae_model, sched = cls._load_upstream(spec["vq"], spec["sdxl"], spec["vae"], dtype)
         if spec.get("consistency"):
-            from layton.lora import fuse_lora_into_unet
-
             c = spec["consistency"]
-            check_file(c["lora"], f"tokenizer consistency LoRA (from {cfg_path})")
+            check_file(c["lora"], f"tokenizer consistency LoRA (from {where})")
             fuse_lora_into_unet(unet, c["lora"], scale=c["lora_scale"])
-        e = spec["embedder"]
-        embedder = TokenConditionEmbedder(e["in_channels"], e["channels"], e["out_channels"])
-        empty = load_file(directory / EMPTY_PROMPT_NAME)
-        ladd = LADD(unet, controlnet_from_config(spec["controlnet"]), embedder, empty["prompt_embeds"], empty["pooled_prompt_embeds"])
-        ladd.load_trainable_state_dict(load_file(directory / WEIGHTS_NAME))
-        ladd.to(dtype).eval()
+        ladd = LADD.from_pretrained(directory, unet)
+        if dtype != torch.float32:  # the parts are stored in float32
+            ladd.to(dtype)
+        ladd.eval()
         return cls(vq_model, ladd, vae_model, sched, spec)
 
     def fuse_consistency(self, consistency_cfg) -> None:
         """Stage 2: merge the consistency LoRA (Hyper-SD / TLCM) into the frozen UNet."""
-        from layton.lora import fuse_lora_into_unet
-
         fuse_lora_into_unet(self.ladd.unet, consistency_cfg.lora, scale=consistency_cfg.lora_scale)
         self.spec["consistency"] = {
             "kind": consistency_cfg.kind,
@@ -172,22 +234,21 @@ class LaytonTokenizer:
         }
 
     def save_pretrained(self, directory: str | Path, stage: int | None = None) -> Path:
-        """Weights first, config last: a directory with a config is a whole checkpoint."""
+        """Write the tokenizer directory: LADD's parts (`LADD.save_pretrained`), then the index."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if stage is not None:
             self.spec["stage"] = stage
-        weights = {k: v.detach().float().contiguous().cpu() for k, v in self.ladd.trainable_state_dict().items()}
-        save_file(weights, directory / WEIGHTS_NAME)
-        save_file(
-            {"prompt_embeds": self.ladd.prompt_embeds.float().cpu().contiguous(),
-             "pooled_prompt_embeds": self.ladd.pooled_prompt_embeds.float().cpu().contiguous()},
-            directory / EMPTY_PROMPT_NAME,
-        )
-        tmp = directory / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(self.spec, indent=1, default=str))
-        os.replace(tmp, directory / CONFIG_NAME)
+        (directory / INDEX_NAME).unlink(missing_ok=True)  # overwritten parts must not sit under a stale index
+        self.ladd.save_pretrained(directory)
+        _write_index(directory, self.spec)
         return directory
+
+    def load_trained(self, directory: str | Path) -> None:
+        """Resume from a checkpoint: the trained parts' weights of a tokenizer directory, loaded into
+        this tokenizer's modules in place (the optimizer keeps its references to them)."""
+        read_tokenizer_index(directory, "tokenizer checkpoint")
+        self.ladd.load_trained(directory)
 
     def to(self, device: torch.device | str) -> LaytonTokenizer:
         for m in (self.vq, self.ladd, self.vae):
@@ -256,3 +317,56 @@ class LaytonTokenizer:
 
     def reconstruct(self, images: Sequence, size: int, **kw) -> list[Image.Image]:
         return self.decode(self.encode(images), size=size, **kw)
+
+
+# --- copying and converting directories ----------------------------------------------------------
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> Path:
+    """Copy what a tokenizer directory's index names (index + parts; nothing else, e.g. no training
+    state of an export) to `dst`, index last."""
+    src, dst = Path(src), Path(dst)
+    read_tokenizer_index(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / INDEX_NAME).unlink(missing_ok=True)
+    for sub in PARTS:
+        if (dst / sub).exists():
+            shutil.rmtree(dst / sub)
+        shutil.copytree(src / sub, dst / sub)
+    tmp = dst / (INDEX_NAME + ".tmp")
+    shutil.copyfile(src / INDEX_NAME, tmp)
+    os.replace(tmp, dst / INDEX_NAME)
+    return dst
+
+
+def convert_legacy_tokenizer(src: str | Path, dst: str | Path) -> Path:
+    """Re-save a first-layout tokenizer directory (`tokenizer_config.json`, `ladd.safetensors`,
+    `empty_prompt.safetensors`) in the `model_index.json` layout at `dst`. Only tensors and JSON are
+    read (no pickles) and no upstream weights are loaded; the upstream paths are carried over as they
+    were recorded (override them at load time if they moved). Returns `dst`."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    src, dst = Path(src), Path(dst)
+    spec = _read_legacy_spec(src)
+    if spec is None:
+        raise ModelFileError(f"legacy tokenizer: {src} has no {LEGACY_CONFIG_NAME} of format {LEGACY_FORMAT!r}")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"convert tokenizer: {dst} exists and is not empty")
+    weights = load_file(check_file(src / LEGACY_WEIGHTS_NAME, "legacy tokenizer weights"))
+    empty = load_file(check_file(src / LEGACY_EMPTY_PROMPT_NAME, "legacy tokenizer empty-prompt conditions"))
+    with init_empty_weights():  # the weights come from the file: skip the random init
+        controlnet = LaddControlNet.from_config(spec["controlnet"])
+        embedder = TokenConditionEmbedder.from_config(spec["embedder"])
+    for prefix, module in (("controlnet.", controlnet), ("cond_embedder.", embedder)):
+        part = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+        module.load_state_dict(part, strict=True, assign=True)
+    unused = [k for k in weights if not k.startswith(("controlnet.", "cond_embedder."))]
+    if unused:
+        raise ModelFileError(f"legacy tokenizer: {src / LEGACY_WEIGHTS_NAME} holds unexpected tensors {unused[:5]}")
+    empty_prompt = EmptyPromptConditions.from_tensors(empty["prompt_embeds"], empty["pooled_prompt_embeds"])
+    dst.mkdir(parents=True, exist_ok=True)
+    for sub, module in (("controlnet", controlnet), ("embedder", embedder), ("empty_prompt", empty_prompt)):
+        module.save_pretrained(dst / sub, safe_serialization=True)
+    _write_index(dst, {**{k: spec.get(k) for k in SPEC_KEYS}, "format": FORMAT})
+    return dst

@@ -42,6 +42,9 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+from layton.checkpoint_io import load_exact
+from layton.model_files import load_torch_state_dict
+
 # Length of upstream's `codebook_used` buffer (hard-coded there, independent of the codebook size).
 USAGE_HISTORY = 65536
 # Rows of the (tokens x codebook) distance matrix computed at once: 4096 x 16384 floats = 256 MiB.
@@ -315,9 +318,6 @@ class VQModel(nn.Module):
 
 def load_llamagen_vq(path: str | Path, map_location: str | torch.device = "cpu") -> VQModel:
     """Load a LlamaGen VQ release (`vq_ds16_c2i.pt`, `vq_ds16_t2i.pt`) strictly; frozen, eval, float32."""
-    from layton.model_files import load_torch_state_dict
-    from layton.scorers.restricted_unpickle import load_exact
-
     path = Path(path)
     sd = load_torch_state_dict(path, "LlamaGen VQ", map_location)
     try:

@@ -17,7 +17,6 @@ a valid id and a valid text keeps that text, as reading the input in order would
 from __future__ import annotations
 
 import io
-import json
 import logging
 
 import numpy as np
@@ -25,15 +24,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from layton.config import PromptsConfig
+from layton.completion import fingerprint, is_complete, mark_complete
 from layton.storage import Root
 from pipelines.plan import ShardPlan, groups_of
 from pipelines.prompts import id_digest, selected_rows, text_digest
+from stages.synth.config import PromptsConfig
 
 log = logging.getLogger(__name__)
 
 DEDUP_DIR = "_dedup"
-COMPLETE = "_complete.json"
 _ROW = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("pos", "<i8")])
 
 
@@ -122,21 +121,22 @@ def run_dedup(plan: ShardPlan, cfg: PromptsConfig, root: Root, max_partitions: i
     """Run the passes not yet complete; returns the number of duplicates per kind."""
     found = {}
     n_groups = -(-plan.n_shards // groups_of(plan))
+    settings = fingerprint({"plan": plan.describe(), "prompts": cfg})
     for kind in kinds(cfg):
         sub = root.sub(f"{DEDUP_DIR}/{kind}")
-        done = sub.read(COMPLETE)
+        done = is_complete(sub, settings)
         if done is not None:
-            found[kind] = json.loads(done)["duplicates"]
+            found[kind] = done["duplicates"]
             continue
         if n_groups == 0:
             found[kind] = 0
-            sub.write(COMPLETE, json.dumps({"duplicates": 0}).encode())
+            mark_complete(sub, settings, duplicates=0, groups=0)
             continue
         partitions = max(1, min(max_partitions, n_groups))
         maps = [_call(_map, partitions, plan, cfg, root, kind, g, partitions) for g in range(n_groups)]
         reds = [_call(_reduce, n_groups, plan, n_groups, *[m[p] for m in maps]) for p in range(partitions)]
         counts = ray.get([ray.remote(_write).remote(sub, g, *[r[g] for r in reds]) for g in range(n_groups)])
         found[kind] = int(sum(counts))
-        sub.write(COMPLETE, json.dumps({"duplicates": found[kind], "groups": n_groups}).encode())
+        mark_complete(sub, settings, duplicates=found[kind], groups=n_groups)
         log.info("dedup %s: %d repeated row(s) over %d row(s)", kind, found[kind], plan.n_rows)
     return found

@@ -8,11 +8,15 @@ becomes a skipped-and-counted row there instead of failing the job.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import ray
 
+from layton.tables import Table
+from pipelines.tokenizer_data import read_shard_images
+from pipelines.tokenizer_data import shard_tars
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -42,8 +46,6 @@ def check_image_set(cfg) -> str:
     if kind == "folder" and not image_files(p):
         raise FileNotFoundError(f"data.path: {p} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     if kind == "shards":
-        from pipelines.tokenizer_data import shard_tars
-
         shard_tars([str(p)])
     return kind
 
@@ -79,8 +81,6 @@ def read_image_set(cfg) -> ray.data.Dataset:
 
         ds = ds.map_batches(rename, batch_format="numpy")
     else:
-        from pipelines.tokenizer_data import read_shard_images
-
         ds = read_shard_images([str(p)]).select_columns(["key", "image"])
     return ds.limit(cfg.limit) if cfg.limit else ds
 
@@ -97,12 +97,11 @@ def score_rows(items: list[dict], actor_cls, ctor_kwargs: dict, batch_size: int,
     return [json.loads(r) for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in b["row"]]
 
 
-def write_results(out: Path, rows: list[dict], body: dict, table: str) -> None:
-    """results.jsonl (a row per image, in the given order), results.json (`body`), results.md (`table`)."""
-    import json
-
+def write_results(out: Path, rows: list[dict], body: dict, table: Table) -> None:
+    """results.jsonl (a row per image, in the given order), results.json (`body` with the table as
+    data) and results.md (the table as markdown)."""
     with open(out / "results.jsonl", "w") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
-    (out / "results.json").write_text(json.dumps(body, indent=1, default=str))
-    (out / "results.md").write_text(table)
+            f.write(json.dumps(r, default=str) + "\n")
+    (out / "results.json").write_text(json.dumps({**body, "table": table.to_dict()}, indent=1, default=str))
+    (out / "results.md").write_text(table.to_markdown())

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from layton.devices import pick_device
+from layton.text_encoder import T5TextEncoder
 from pipelines.precompute import read_marker, read_pass, run_pass
 
 PASS_VERSION = 1
@@ -31,9 +33,6 @@ class TextFeatureStage:
     """Ray Data actor: the flan-t5 encoder over captions."""
 
     def __init__(self, text_encoder: str, token_column: str, device: str = "cpu"):
-        from layton.devices import pick_device
-        from layton.text_encoder import T5TextEncoder
-
         self.encoder = T5TextEncoder(text_encoder, device=pick_device(device))
         self.token_column = token_column
 
@@ -53,11 +52,6 @@ class TextFeatureStage:
                 "tokens": np.stack([np.asarray(t, dtype=np.int16) for t in batch[self.token_column]]),
                 "text": text, "text_len": text_len, "truncated": truncated,
                 "error": np.array(errors, dtype=object)}
-
-
-def text_precompute_dir(config) -> Path:
-    d = config.data.precompute_dir or Path(config.run.storage_path) / f"{config.run.name}-text"
-    return Path(d).resolve()
 
 
 def check_token_pass(config) -> dict:
@@ -97,8 +91,8 @@ def text_precompute(config) -> dict:
             batch_format="numpy",
         )
 
-    return run_pass(text_precompute_dir(config), settings, build)
+    return run_pass(config.text_path(), settings, build)
 
 
 def read_text_pass(config) -> ray.data.Dataset:
-    return read_pass(text_precompute_dir(config))
+    return read_pass(config.text_path())

@@ -18,6 +18,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
+from layton.completion import fingerprint, is_complete, mark_complete
+from layton.config import RayConfig
+from layton.devices import pick_device
+from layton.laytongen import LaytonGenPipeline
+from layton.laytongen import TOKENIZER_SUBFOLDER, read_laytongen_index
+from layton.ray_cluster import ray_session
+from layton.tokenizer import read_tokenizer_index
 from pipelines.prompts import prompt_seed
 
 METADATA = "metadata.jsonl"
@@ -58,13 +65,10 @@ class GenerateSettings:
     seed: int = 0
 
 
-class GenerateStage:
+class LaytonGenWriter:
     """Ray Data actor: a LaytonGen pipeline writing one PNG per prompt."""
 
     def __init__(self, laytongen_dir: str, settings: dict, out_dir: str, device: str = "auto"):
-        from layton.devices import pick_device
-        from layton.laytongen import LaytonGenPipeline
-
         self.s = GenerateSettings(**settings)
         self.pipe = LaytonGenPipeline.from_pretrained(laytongen_dir, device=pick_device(device))
         self.params = self.pipe.default_params(cfg_scale=self.s.cfg_scale, temperature=self.s.temperature,
@@ -109,12 +113,9 @@ def done_ids(out_dir: Path) -> set[str]:
 
 
 def check_laytongen_dir(laytongen_dir: str, what: str = "generator") -> None:
-    from layton.gpt import CONFIG_NAME
-    from layton.laytongen import SPEC_NAME
-
-    for name in (SPEC_NAME, CONFIG_NAME):
-        if not (Path(laytongen_dir) / name).is_file():
-            raise FileNotFoundError(f"{what}: {laytongen_dir} is not a LaytonGen directory (no {name})")
+    """A LaytonGen directory's index and its parts, before any Ray work (a `ModelFileError` naming `what`)."""
+    read_laytongen_index(laytongen_dir, what)
+    read_tokenizer_index(Path(laytongen_dir) / TOKENIZER_SUBFOLDER, f"{what} (tokenizer/)")
 
 
 def generate_from_file(laytongen_dir: str, prompt_file: str, out_dir: str, settings: GenerateSettings = GenerateSettings(),
@@ -126,36 +127,38 @@ def generate_from_file(laytongen_dir: str, prompt_file: str, out_dir: str, setti
 def generate_prompts(laytongen_dir: str, prompts: list[tuple[str, str]], out_dir: str,
                      settings: GenerateSettings = GenerateSettings(), *, num_actors: int = 1, num_gpus: float = 0.0,
                      num_cpus: float = 1.0, batch_size: int = 4, ray_cfg=None, on_record=None) -> dict:
-    """Generate every (id, prompt) not yet in `out_dir/metadata.jsonl`. Returns counts."""
-    from layton.config import RayConfig
-    from layton.ray_cluster import init_ray
+    """Generate every (id, prompt) not yet in `out_dir/metadata.jsonl`. Returns counts.
 
+    `metadata.jsonl` is the progress of a run (a killed run resumes after its last line); the
+    completion record, written when every prompt has an image, makes a rerun of the same prompts
+    and settings a no-op without reading it."""
     t0 = time.time()
     check_laytongen_dir(laytongen_dir, "laytongen")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint({"laytongen": str(Path(laytongen_dir).resolve()), "settings": asdict(settings), "prompts": prompts})
+    if is_complete(out, fp):
+        return {"prompts": len(prompts), "already_done": len(prompts), "generated": 0, "failed": 0,
+                "seconds": time.time() - t0}
     skip = done_ids(out)
     todo = [(pid, text) for pid, text in prompts if pid not in skip]
     counts = {"prompts": len(prompts), "already_done": len(prompts) - len(todo), "generated": 0, "failed": 0}
-    if not todo:
-        return {**counts, "seconds": time.time() - t0}
-    started_here = init_ray(ray_cfg or RayConfig(dashboard=False))
-    try:
-        ds = ray.data.from_items([{"id": pid, "prompt": text, "seed": prompt_seed(pid, settings.seed)} for pid, text in todo])
-        ds = ds.map_batches(GenerateStage, fn_constructor_kwargs=dict(
-            laytongen_dir=str(Path(laytongen_dir).resolve()), settings=asdict(settings), out_dir=str(out),
-            device="cuda" if num_gpus else "cpu"), batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=num_gpus, num_cpus=num_cpus, batch_format="numpy")
-        with open(out / METADATA, "a") as f:
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                for rec in batch["record"]:
-                    f.write(rec + "\n")
-                    f.flush()
-                    r = json.loads(rec)
-                    counts["failed" if r["error"] else "generated"] += 1
-                    if on_record:
-                        on_record(r)
-    finally:
-        if started_here:
-            ray.shutdown()
+    if todo:
+        with ray_session(ray_cfg or RayConfig(dashboard=False)):
+            ds = ray.data.from_items([{"id": pid, "prompt": text, "seed": prompt_seed(pid, settings.seed)} for pid, text in todo])
+            ds = ds.map_batches(LaytonGenWriter, fn_constructor_kwargs=dict(
+                laytongen_dir=str(Path(laytongen_dir).resolve()), settings=asdict(settings), out_dir=str(out),
+                device="cuda" if num_gpus else "cpu"), batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
+                num_gpus=num_gpus, num_cpus=num_cpus, batch_format="numpy")
+            with open(out / METADATA, "a") as f:
+                for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                    for rec in batch["record"]:
+                        f.write(rec + "\n")
+                        f.flush()
+                        r = json.loads(rec)
+                        counts["failed" if r["error"] else "generated"] += 1
+                        if on_record:
+                            on_record(r)
+    if counts["failed"] == 0:
+        mark_complete(out, fp, **counts)
     return {**counts, "seconds": time.time() - t0}

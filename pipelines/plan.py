@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from layton.config import PromptsConfig
 from pipelines.prompts import InputFile, list_inputs
+from stages.synth.config import PromptsConfig
 
 
 def rows_per_shard(prompts: PromptsConfig, shard_size: int) -> int:

@@ -11,15 +11,15 @@ records every row the run was given. Duplicates are found by the distributed pre
 from __future__ import annotations
 
 import glob
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from layton.config import PromptsConfig
+from layton.seeds import derive_seed, digest
 from layton.storage import Root, is_uri
+from stages.synth.config import PromptsConfig
 
 _KEY_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -41,13 +41,9 @@ class InputFile:
     rows: int
 
 
-def _digest(*parts: object) -> bytes:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-
-
 def prompt_id(source: str, row: int) -> str:
     """Id of a row without an id column: hash of the file name and row number."""
-    return _digest(source, row).hex()[:20]
+    return digest(source, row).hex()[:20]
 
 
 def duplicate_id_key(source: str, row: int) -> str:
@@ -57,27 +53,27 @@ def duplicate_id_key(source: str, row: int) -> str:
 
 def key_for(given_id: str) -> str:
     """A given id is used as the sample key when it is key-safe (webdataset splits keys on dots)."""
-    return given_id if _KEY_SAFE.match(given_id) else _digest("id", given_id).hex()[:20]
+    return given_id if _KEY_SAFE.match(given_id) else digest("id", given_id).hex()[:20]
 
 
 def prompt_seed(pid: str, global_seed: int) -> int:
     """Seed derived from the id alone, so a regenerated sample is identical."""
-    return int.from_bytes(_digest("seed", global_seed, pid)[:4], "little") & 0x7FFFFFFF
+    return derive_seed("seed", global_seed, pid)
 
 
 def text_digest(text: str) -> bytes:
     """16 bytes per prompt text: collisions stay improbable (< 1e-18) at billions of prompts."""
-    return _digest("text", text.strip())[:16]
+    return digest("text", text.strip())[:16]
 
 
 def id_digest(pid: str) -> bytes:
-    return _digest("id", pid)[:16]
+    return digest("id", pid)[:16]
 
 
 def _in_sample(pid: str, fraction: float | None, seed: int) -> bool:
     if fraction is None:
         return True
-    return int.from_bytes(_digest("sample", seed, pid)[:8], "little") / 2**64 < fraction
+    return int.from_bytes(digest("sample", seed, pid)[:8], "little") / 2**64 < fraction
 
 
 def resolve_paths(patterns: list[str]) -> list[str]:

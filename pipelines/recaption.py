@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from layton.storage import Root
 from pipelines.shard_rows import ACCEPTED, FAILED, SAMPLE_COLUMNS, indices_with
+from pipelines.shard_rows import unpack
+from pipelines.shards import write_shard
 
 DEFAULT_INSTRUCTION = "Describe this image in detail."
 
@@ -305,16 +308,11 @@ class ShardAssembler:
     carrier and every request have arrived. One actor (`size=1`) sees every row; partial shards
     wait in its memory, so a lost assembler loses those shards (a rerun redoes them)."""
 
-    def __init__(self, out: str, meta: dict, image_ext: str):
-        from layton.storage import Root
-
-        self.root, self.meta, self.image_ext = Root(out), meta, image_ext
+    def __init__(self, out: str, meta: dict, image_ext: str, fingerprint: str):
+        self.root, self.meta, self.image_ext, self.fingerprint = Root(out), meta, image_ext, fingerprint
         self.pending: dict[int, list[dict]] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from pipelines.shard_rows import unpack
-        from pipelines.stages import write_shard
-
         stats = []
         for r in unpack(batch):
             got = self.pending.setdefault(r["shard"], [])
@@ -323,5 +321,5 @@ class ShardAssembler:
             if carrier is not None and len(got) == carrier["requests"] + 1:
                 del self.pending[r["shard"]]
                 row = assemble(carrier, [x for x in got if x is not carrier])
-                stats.append(json.dumps(write_shard(self.root, row, self.meta, self.image_ext)))
+                stats.append(json.dumps(write_shard(self.root, row, self.meta, self.image_ext, self.fingerprint)))
         return {"stats": np.array(stats, dtype=object)}

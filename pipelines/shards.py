@@ -31,8 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from layton.completion import fingerprint, mark_complete, read_complete
 from layton.storage import Root
-from pipelines.shard_rows import ACCEPTED, FAILED, REJECTED
+from pipelines.shard_rows import ACCEPTED, FAILED, REJECTED, unpack
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -75,9 +76,8 @@ def complete_shards(out: Root | str | Path, files: dict[str, int] | None = None)
     for name in sorted(files):
         if not name.endswith(STATS_SUFFIX) or (shard := shard_number(name)) is None:
             continue
-        try:
-            stats = json.loads(root.read(name) or b"")
-        except json.JSONDecodeError:
+        stats = read_complete(root, name)
+        if stats is None:
             continue
         base = name[: -len(STATS_SUFFIX)]
         if f"{base}.parquet" in files and files.get(f"{base}.tar") == stats.get("tar_bytes"):
@@ -132,8 +132,9 @@ class ShardWriter:
     output: each file lands whole, and the completion record last.
     """
 
-    def __init__(self, out: Root | str | Path, shard: int, total: int, sample_meta: dict[str, Any]):
+    def __init__(self, out: Root | str | Path, shard: int, total: int, sample_meta: dict[str, Any], fingerprint: str):
         self.root, self.shard, self.total = _root(out), shard, total
+        self.fingerprint = fingerprint  # of the run's settings: the completion record carries it
         self.sample_meta = sample_meta  # generator settings and model ids for every KEY.json
         self._buf = io.BytesIO()
         # mtime fixed so a regenerated shard is byte-identical.
@@ -177,7 +178,7 @@ class ShardWriter:
         self.root.write(f"{name}.parquet", buf.getvalue())
         status = Counter(r["status"] for r in self.rows)
         reasons = Counter(reason for r in self.rows if r["reason"] for reason in r["reason"].split(";"))
-        stats = {
+        stats = {  # the completion record's body
             "shard": self.shard,
             "total": len(self.rows),
             "accepted": status[ACCEPTED],
@@ -190,8 +191,49 @@ class ShardWriter:
             # Who and when: the only fields that differ between two writes of one shard.
             "writer": {**writer_identity(), "finished_at": round(time.time(), 3), "stages": processed_by or {}},
         }
-        self.root.write(f"{name}{STATS_SUFFIX}", json.dumps(stats, indent=1).encode())
-        return stats
+        return mark_complete(self.root, self.fingerprint, f"{name}{STATS_SUFFIX}", **stats)
+
+
+# --- synthesis shard rows (pipelines/shard_rows.py) → shards -----------------------------------------
+
+
+def _none_for_nan(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def samples(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A shard row → one dict per sample, the form the shard writer takes."""
+    return [
+        {
+            "key": key,
+            "prompt": row["prompts"][i],
+            "seed": row["seeds"][i],
+            "source": row["sources"][i],
+            "row": row["rows"][i],
+            "status": row["status"][i],
+            "reason": row["reason"][i],
+            "imagereward": _none_for_nan(row["imagereward"][i]),
+            "mps": _none_for_nan(row["mps"][i]),
+            "recaption": row["recaption"][i],
+            "image": row["image"][i],
+        }
+        for i, key in enumerate(row["ids"])
+    ]
+
+
+def write_shard(root: Root, row: dict[str, Any], meta: dict, image_ext: str, fingerprint: str) -> dict:
+    """One finished shard row → tar, index and completion record. Returns the stats."""
+    writer = ShardWriter(root, row["shard"], len(row["ids"]), meta, fingerprint)
+    for s in samples(row):
+        writer.add(s, s["image"], image_ext)
+    return writer.close(processed_by=json.loads(row.get("processed_by") or "{}"))
+
+
+def write_shards(batch: dict[str, np.ndarray], out: str, meta: dict, image_ext: str, fingerprint: str) -> dict[str, Any]:
+    """The last Ray Data stage: writes each shard where it runs; only a stats row goes on."""
+    root = Root(out)
+    return {"stats": np.array([json.dumps(write_shard(root, row, meta, image_ext, fingerprint)) for row in unpack(batch)],
+                              dtype=object)}
 
 
 def write_image_shards(out_dir: Root | str | Path, samples: list[tuple[str, str, bytes, str]], shard_size: int = 1000) -> dict[int, dict]:
@@ -205,7 +247,7 @@ def write_image_shards(out_dir: Root | str | Path, samples: list[tuple[str, str,
     stats = {}
     for shard, start in enumerate(range(0, len(samples), shard_size)):
         chunk = samples[start : start + shard_size]
-        writer = ShardWriter(out_dir, shard, len(chunk), {"generator": None})
+        writer = ShardWriter(out_dir, shard, len(chunk), {"generator": None}, fingerprint({"imported": len(samples)}))
         for key, caption, data, ext in chunk:
             sample = {"key": key, "prompt": caption, "recaption": caption, "seed": 0, "source": "import", "row": 0,
                       "status": ACCEPTED, "reason": None, "imagereward": None, "mps": None}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import logging
 import json
-import math
 import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable
@@ -20,12 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from layton.config import GenerationConfig, RecaptionConfig, ScoringConfig
 from layton.devices import pick_device, pick_dtype
-from layton.storage import Root
-from pipelines.shard_rows import ACCEPTED, FAILED, GENERATED, PENDING, REJECTED, batches, indices_with, pack, unpack
-from pipelines.shards import ShardWriter, writer_identity
+from layton.scorers.imagereward import ImageRewardScorer
+from layton.scorers.mps import MPSScorer
 from pipelines.metrics import SynthMetrics
+from pipelines.recaption import TransformersRecaptioner
+from pipelines.shard_rows import ACCEPTED, FAILED, GENERATED, PENDING, REJECTED, batches, indices_with, pack, unpack
+from pipelines.shards import writer_identity
+from stages.synth.config import GenerationConfig, RecaptionConfig, ScoringConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +151,6 @@ class ScoreStage(_ShardStage):
     name = "score"
 
     def __init__(self, cfg: dict, batch_size: int = 1):
-        from layton.scorers.imagereward import ImageRewardScorer
-        from layton.scorers.mps import MPSScorer
-
         self.cfg = ScoringConfig.model_validate(cfg)
         self.batch_size = batch_size
         device = pick_device(self.cfg.resources.device)
@@ -194,8 +192,6 @@ class RecaptionStage(_ShardStage):
     name = "recaption"
 
     def __init__(self, cfg: dict, statuses: tuple[str, ...] = (ACCEPTED,), batch_size: int = 1):
-        from pipelines.recaption import TransformersRecaptioner
-
         self.cfg = RecaptionConfig.model_validate(cfg)
         self.batch_size = batch_size
         device = pick_device(self.cfg.resources.device)
@@ -228,41 +224,3 @@ def mark_empty_captions(row: dict[str, Any], statuses: tuple[str, ...]) -> None:
         if not row["recaption"][i].strip():
             row["status"][i], row["reason"][i] = FAILED, "empty_recaption"
             row["image"][i] = b""
-
-
-def _none_for_nan(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else value
-
-
-def samples(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """A shard row → one dict per sample, the form the shard writer takes."""
-    return [
-        {
-            "key": key,
-            "prompt": row["prompts"][i],
-            "seed": row["seeds"][i],
-            "source": row["sources"][i],
-            "row": row["rows"][i],
-            "status": row["status"][i],
-            "reason": row["reason"][i],
-            "imagereward": _none_for_nan(row["imagereward"][i]),
-            "mps": _none_for_nan(row["mps"][i]),
-            "recaption": row["recaption"][i],
-            "image": row["image"][i],
-        }
-        for i, key in enumerate(row["ids"])
-    ]
-
-
-def write_shard(root: Root, row: dict[str, Any], meta: dict, image_ext: str) -> dict:
-    """One finished shard row → tar, index and completion record. Returns the stats."""
-    writer = ShardWriter(root, row["shard"], len(row["ids"]), meta)
-    for s in samples(row):
-        writer.add(s, s["image"], image_ext)
-    return writer.close(processed_by=json.loads(row.get("processed_by") or "{}"))
-
-
-def write_shards(batch: dict[str, np.ndarray], out: str, meta: dict, image_ext: str) -> dict[str, Any]:
-    """The last Ray Data stage: writes each shard where it runs; only a stats row goes on."""
-    root = Root(out)
-    return {"stats": np.array([json.dumps(write_shard(root, row, meta, image_ext)) for row in unpack(batch)], dtype=object)}

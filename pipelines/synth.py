@@ -20,17 +20,21 @@ import numpy as np
 import ray
 import yaml
 
-from layton.config import SynthConfig
+from layton.completion import fingerprint, settings_of
 from layton.model_files import check_synth_models
-from layton.ray_cluster import init_ray
+from layton.ray_cluster import is_local, ray_session
 from layton.storage import Root
 from pipelines.dedup import run_dedup, shard_duplicates
 from pipelines.metrics import SynthMetrics
 from pipelines.plan import ShardPlan, make_plan
 from pipelines.prompts import READER_REASONS, shard_prompts
+from pipelines.recaption import ShardAssembler, build_vllm_recaptioner, vllm_rows
+from pipelines.recaption import require_vllm
 from pipelines.shard_rows import ACCEPTED, GENERATED, PENDING, REJECTED, pack
 from pipelines.shards import complete_shards, remove_incomplete
-from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage, write_shards
+from pipelines.shards import write_shards
+from pipelines.stages import GenerateStage, RecaptionStage, ScoreStage
+from stages.synth.config import SynthConfig
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -76,7 +80,7 @@ def prepare_output(config: SynthConfig, plan: ShardPlan, force: bool) -> Root:
     old = root.read(MANIFEST)
     if old is not None:
         old = json.loads(old)
-        changes = _diff(old.get("settings", {}), config.fingerprint()) + _diff(old.get("plan", {}), plan.describe(), "input.")
+        changes = _diff(old.get("settings", {}), settings_of(config)) + _diff(old.get("plan", {}), plan.describe(), "input.")
         if changes and not force:
             raise ResumeConflict(
                 f"{config.output.dir} holds a run with other settings or input; refusing to resume into it "
@@ -84,8 +88,8 @@ def prepare_output(config: SynthConfig, plan: ShardPlan, force: bool) -> Root:
             )
     root.mkdir()
     manifest = {
-        "settings": config.fingerprint(),
-        "settings_hash": config.fingerprint_hash(),
+        "settings": settings_of(config),
+        "settings_hash": fingerprint(config),
         "plan": plan.describe(),
         "models": {
             "generation": config.generation.model,
@@ -187,10 +191,8 @@ def build_dataset(config: SynthConfig, plan: ShardPlan, root: Root, todo: np.nda
                 jpeg_quality=out.jpeg_quality)
     score = dict(cfg=s.model_dump(), batch_size=g.batch_size)
     caption = dict(cfg=r.model_dump(), batch_size=g.batch_size)
-    writer = dict(out=root.location, meta=sample_meta(config), image_ext=out.image_format)
+    writer = dict(out=root.location, meta=sample_meta(config), image_ext=out.image_format, fingerprint=fingerprint(config))
     if r.backend == "vllm":
-        from pipelines.recaption import ShardAssembler, build_vllm_recaptioner, vllm_rows
-
         ds = _stage(ds, config, ScoreStage, s.resources, **score)
         processor = build_vllm_recaptioner(
             r.model,
@@ -213,7 +215,7 @@ def build_dataset(config: SynthConfig, plan: ShardPlan, root: Root, todo: np.nda
     return ds.map_batches(write_shards, fn_kwargs=writer, batch_size=1, **_faults(config, actors=False))
 
 
-def check_resources(config: SynthConfig, started_here: bool) -> None:
+def check_resources(config: SynthConfig) -> None:
     """The stage actors must fit with room for Ray Data's read and write tasks, or the run hangs.
 
     On a local instance the resources are fixed: too little is an error. A cluster may autoscale,
@@ -233,8 +235,7 @@ def check_resources(config: SynthConfig, started_here: bool) -> None:
     detail = "; ".join(problems) + " (" + ", ".join(
         f"{n}: {s.resources.num_actors} x {s.resources.num_cpus:g} CPU, {s.resources.num_gpus:g} GPU" for n, s in stages.items()
     ) + ")"
-    if started_here:
-        ray.shutdown()
+    if is_local(config.ray):
         raise ValueError(f"resources: {detail}; lower the stages' resources or raise ray.num_cpus/num_gpus")
     log.warning("resources: %s; the run waits until the cluster has them", detail)
 
@@ -260,8 +261,6 @@ def run_synth(
     is written, with the running totals."""
     t0 = time.time()
     if config.recaption.backend == "vllm":
-        from pipelines.recaption import require_vllm
-
         if config.order != "score_first":
             raise ValueError("recaption.backend 'vllm' runs after scoring: set order: score_first")
         require_vllm()
@@ -285,20 +284,20 @@ def run_synth(
         result.seconds = time.time() - t0
         return result
 
-    started_here = init_ray(config.ray)
-    check_resources(config, started_here)
-    result.dedup = run_dedup(plan, config.prompts, root)
-    metrics = SynthMetrics()
-    for row in build_dataset(config, plan, root, todo).iter_rows():
-        stats = json.loads(row["stats"])
-        _count(metrics, stats)
-        result.shards_written += 1
-        result.prompts += stats["total"]
-        result.accepted += stats["accepted"]
-        result.rejected += stats["rejected"]
-        result.failed += stats["failed"]
-        if on_shard:
-            on_shard(stats, result)
+    with ray_session(config.ray):
+        check_resources(config)
+        result.dedup = run_dedup(plan, config.prompts, root)
+        metrics = SynthMetrics()
+        for row in build_dataset(config, plan, root, todo).iter_rows():
+            stats = json.loads(row["stats"])
+            _count(metrics, stats)
+            result.shards_written += 1
+            result.prompts += stats["total"]
+            result.accepted += stats["accepted"]
+            result.rejected += stats["rejected"]
+            result.failed += stats["failed"]
+            if on_shard:
+                on_shard(stats, result)
     result.seconds = time.time() - t0
     if result.shards_written < len(todo):
         missing = len(todo) - result.shards_written

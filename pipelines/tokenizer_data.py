@@ -23,6 +23,9 @@ import ray
 import torch
 from PIL import Image
 
+from layton.devices import pick_device
+from layton.tokenizer import images_to_tensor, vae_encode
+from layton.vq import load_llamagen_vq
 from pipelines.precompute import read_pass, run_pass
 from pipelines.shards import complete_shards, shard_name
 
@@ -81,8 +84,6 @@ class PrecomputeStage:
                  resolutions: list[int], device: str = "auto"):
         from diffusers import AutoencoderKL
 
-        from layton.devices import pick_device
-        from layton.vq import load_llamagen_vq
 
         self.device = pick_device(device)
         self.vq = load_llamagen_vq(vq_path).to(self.device)
@@ -91,8 +92,6 @@ class PrecomputeStage:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        from layton.tokenizer import images_to_tensor, vae_encode
-
         n = len(batch["key"])
         decoded = [decode_image(b) for b in batch["image"]]
         ok = [i for i, (img, _) in enumerate(decoded) if img is not None]
@@ -129,17 +128,12 @@ def precompute_settings(config) -> dict:
     }
 
 
-def precompute_dir(config) -> Path:
-    d = config.data.precompute_dir or Path(config.run.storage_path) / f"{config.run.name}-precompute"
-    return Path(d).resolve()
-
-
 def precompute(config) -> dict:
     """Run the pass unless a complete one with the same settings exists. Returns the marker."""
     settings = precompute_settings(config)
     m, d = config.model, config.data
     vae_dir, sub = (m.vae, None) if m.vae else (m.sdxl, "vae")
-    return run_pass(precompute_dir(config), settings, lambda: read_shard_images(config.data.shards).map_batches(
+    return run_pass(config.precompute_path(), settings, lambda: read_shard_images(config.data.shards).map_batches(
         PrecomputeStage,
         fn_constructor_kwargs=dict(vq_path=m.vq, vae_dir=vae_dir, vae_subfolder=sub, encoder_sizes=settings["encoder_sizes"],
                                    resolutions=settings["resolutions"], device="cuda" if d.num_gpus else "cpu"),
@@ -151,4 +145,4 @@ def precompute(config) -> dict:
 
 
 def read_precomputed(config) -> ray.data.Dataset:
-    return read_pass(precompute_dir(config))
+    return read_pass(config.precompute_path())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from layton.cluster import free_port
+from app.cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def write_prompts(path: Path, texts: list, column: str = "TEXT", **extra_columns
 
 def cli(*args) -> subprocess.Popen:
     """`layton ARGS` in its own session (so a test can SIGKILL it together with the Ray it starts)."""
-    return subprocess.Popen([sys.executable, "-m", "layton.cli", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

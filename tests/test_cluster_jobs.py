@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 
-from layton import jobs
-from layton.cli_cluster import add_cluster_commands
-from layton.cluster import ClusterError, _head_processes, cluster_down, cluster_status, cluster_up, free_port, port_in_use
+from app import jobs
+from app.cli_cluster import add_cluster_commands
+from app.cluster import ClusterError, _head_processes, cluster_down, cluster_status, cluster_up, free_port, port_in_use
 
 WORKFLOW = "name: tiny\nsteps: [a, b]\n"
 

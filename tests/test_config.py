@@ -3,15 +3,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layton.config import ConfigError, SynthConfig, load_config
+from layton.completion import fingerprint
+from layton.config import ConfigError, load_config
+
+from stages.synth.config import SynthConfig
 from tests.conftest import ROOT
 
 
 def test_bundled_configs_validate():
     for name in ("synth_demo.yaml", "synth_flux_dev.yaml"):
-        cfg = load_config(ROOT / "workflows" / name)
+        cfg = load_config(ROOT / "workflows" / name, SynthConfig)
         assert isinstance(cfg, SynthConfig)
-    real = load_config(ROOT / "workflows" / "synth_flux_dev.yaml")
+    real = load_config(ROOT / "workflows" / "synth_flux_dev.yaml", SynthConfig)
     assert (real.generation.height, real.generation.num_inference_steps, real.generation.guidance_scale) == (1024, 50, 3.5)
     assert (real.scoring.imagereward_threshold, real.scoring.mps_threshold) == (0.8, 12.0)
 
@@ -27,7 +30,7 @@ def test_unknown_field_names_file_and_field(tmp_path):
     cfg["generation"]["num_steps"] = 4
     path = _write(tmp_path, cfg)
     with pytest.raises(ConfigError) as e:
-        load_config(path)
+        load_config(path, SynthConfig)
     assert str(path) in str(e.value) and "generation.num_steps" in str(e.value)
 
 
@@ -36,30 +39,30 @@ def test_invalid_value_names_field(tmp_path):
     cfg["generation"]["height"] = 100  # not a multiple of 16
     cfg["scoring"]["resources"]["num_actors"] = 0
     with pytest.raises(ConfigError) as e:
-        load_config(_write(tmp_path, cfg))
+        load_config(_write(tmp_path, cfg), SynthConfig)
     assert "generation" in str(e.value) and "multiple of 16" in str(e.value)
     assert "scoring.resources.num_actors" in str(e.value)
 
 
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        load_config(tmp_path / "nope.yaml")
+        load_config(tmp_path / "nope.yaml", SynthConfig)
     p = tmp_path / "x.yaml"
     p.write_text("prompts: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(p)
+        load_config(p, SynthConfig)
 
 
 def test_fingerprint_ignores_resources_only():
-    cfg = load_config(ROOT / "workflows" / "synth_demo.yaml")
+    cfg = load_config(ROOT / "workflows" / "synth_demo.yaml", SynthConfig)
     more_gpus = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": 64})})
-    assert more_gpus.fingerprint_hash() == cfg.fingerprint_hash()
+    assert fingerprint(more_gpus) == fingerprint(cfg)
     other = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"mps_threshold": 13.0})})
-    assert other.fingerprint_hash() != cfg.fingerprint_hash()
+    assert fingerprint(other) != fingerprint(cfg)
 
 
 def test_tokenizer_configs_validate_and_carry_paper_settings():
-    from layton.config import TokenizerTrainConfig
+    from stages.tokenizer.config import TokenizerTrainConfig
 
     load_config(ROOT / "workflows" / "tokenizer_demo.yaml", TokenizerTrainConfig)
     real = load_config(ROOT / "workflows" / "tokenizer_sdxl.yaml", TokenizerTrainConfig)
@@ -77,7 +80,7 @@ def test_tokenizer_configs_validate_and_carry_paper_settings():
     ("run__name", "a/b", "run.name"),
 ])
 def test_tokenizer_config_errors_name_the_field(tmp_path, field, value, message):
-    from layton.config import TokenizerTrainConfig
+    from stages.tokenizer.config import TokenizerTrainConfig
     from tests.conftest import apply_overrides
 
     cfg = apply_overrides(yaml.safe_load((ROOT / "workflows" / "tokenizer_demo.yaml").read_text()), {field: value})
@@ -86,7 +89,7 @@ def test_tokenizer_config_errors_name_the_field(tmp_path, field, value, message)
 
 
 def test_gen_configs_validate_and_carry_paper_settings():
-    from layton.config import GenTrainConfig
+    from stages.laytongen.config import GenTrainConfig
 
     load_config(ROOT / "workflows" / "gen_demo.yaml", GenTrainConfig)
     real = load_config(ROOT / "workflows" / "gen_xl.yaml", GenTrainConfig)
@@ -97,7 +100,8 @@ def test_gen_configs_validate_and_carry_paper_settings():
 
 
 def test_eval_configs_validate():
-    from layton.config import GenEvalRunConfig, ReconEvalConfig
+    from stages.eval_geneval.config import GenEvalRunConfig
+    from stages.eval_recon.config import ReconEvalConfig
 
     recon = load_config(ROOT / "workflows" / "eval_recon_demo.yaml", ReconEvalConfig)
     assert [m.kind for m in recon.models] == ["layton", "sdxl_vae", "llamagen_vq"]

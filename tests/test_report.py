@@ -1,4 +1,3 @@
-import argparse
 import base64
 import io
 import json
@@ -8,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from layton.geneval import markdown_table
-from layton.report import add_report_command, markdown_to_html, write_report
+from app.cli import build_parser
+from app.report import write_report
+from layton.geneval import result_table
+from layton.tables import Table
 from pipelines.shards import ShardWriter
 
 STAGES = {
@@ -21,13 +22,8 @@ STAGES = {
     "eval_geneval": ("skipped", None, {}, None),
     "eval_coco": ("pending", None, {}, None),
 }
-RECON_MD = """Reconstruction at 128x128
-
-| Method | rFID ↓ | PSNR ↑ |
-|:---|---:|:---:|
-| Layton (demo) | 14748.72 | 13.73 |
-| SDXL-VAE | 9688.78 | 13.55 |
-"""
+RECON = Table(["Method", "rFID ↓", "PSNR ↑"], [["Layton (demo)", "14748.72", "13.73"], ["SDXL-VAE", "9688.78", "13.55"]],
+              title="Reconstruction at 128x128")
 
 
 def _png(path, size, color):
@@ -48,7 +44,7 @@ def _shards(out_dir):
     out_dir.mkdir(parents=True)
     (out_dir / "manifest.json").write_text(json.dumps({"thresholds": {"imagereward": 0.8, "mps": 12.0}}))
     for shard in (0, 1):
-        w = ShardWriter(out_dir, shard, 10, {})
+        w = ShardWriter(out_dir, shard, 10, {}, "f" * 16)
         for i in range(shard * 10, shard * 10 + 10):
             ok = ir[i] >= 0.8 and mps[i] >= 12.0
             w.add({"key": f"k{i}", "prompt": f"p{i}", "seed": i, "source": "f", "row": i,
@@ -78,16 +74,15 @@ def run(tmp_path_factory):
     (gen / "samples" / "step_0000050.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")  # newest but corrupt
     recon = d / "eval" / "recon"
     recon.mkdir(parents=True)
-    (recon / "results.json").write_text(json.dumps({"task": "reconstruction", "seconds": 272.0}))
-    (recon / "results.md").write_text(RECON_MD)
+    (recon / "results.json").write_text(json.dumps({"task": "reconstruction", "seconds": 272.0, "table": RECON.to_dict()}))
     for name in ("Layton", "SDXL-VAE"):
         _png(recon / f"grid_{name}.png", (96, 48), (200, 200, 0))
     geneval = d / "eval" / "geneval"
     geneval.mkdir()
     summary = {"tasks": {"single_object": 0.875, "two_object": 0.5, "counting": 0.25, "colors": 0.75, "position": 0.125,
                          "color_attr": None}, "overall": 0.5}
-    (geneval / "results.json").write_text(json.dumps({"task": "geneval", "summary": summary, "seconds": 58.7}))
-    (geneval / "results.md").write_text(markdown_table(summary, "laytongen"))
+    (geneval / "results.json").write_text(json.dumps({"task": "geneval", "summary": summary, "seconds": 58.7,
+                                                      "table": result_table(summary, "laytongen").to_dict()}))
     out = write_report(d)
     return d, out, out.read_text(), accepted
 
@@ -105,9 +100,9 @@ def test_report_lists_stages_and_tables(run):
     assert "2m 05s" in page and "loss: 0.1235" in page
     assert "CUDA out of memory &lt;tried 2 GiB&gt;" in page
     assert f"accepted {accepted} (" in page and "2 complete shard(s), 20 prompts" in page  # format_summary text
-    assert "<th style='text-align:right'>rFID ↓</th>" in page and "<td style='text-align:right'>9688.78</td>" in page
+    assert "<th>rFID ↓</th>" in page and "<td>9688.78</td>" in page
     assert "<p>Reconstruction at 128x128</p>" in page
-    assert "<td style='text-align:center'>0.88</td>" in page and "<td style='text-align:center'>–</td>" in page  # GenEval
+    assert "<td>0.88</td>" in page and "<td>–</td>" in page  # GenEval
     assert "evaluated in 4m 32s" in page and "evaluated in 58.7 s" in page
     assert page.index("<h2>Stages") < page.index("<h2>Shard") < page.index("<h2>Training") < page.index("<h2>Grids") < page.index("<h2>Evaluation")
 
@@ -160,23 +155,24 @@ def test_report_errors(tmp_path):
         write_report(tmp_path / "empty")
 
 
-def test_markdown_to_html():
-    out = markdown_to_html("# Title\n\n| a | b \\| c |\n| --- | ---: |\n| 1 | 2 |\n| 3 |\nafter\n| not | a table |")
-    assert out == ("<p>Title</p><table><tr><th>a</th><th style='text-align:right'>b | c</th></tr>"
-                   "<tr><td>1</td><td style='text-align:right'>2</td></tr><tr><td>3</td><td style='text-align:right'></td></tr>"
-                   "</table><p>after</p><p>| not | a table |</p>")
+def test_table_round_trips_and_escapes():
+    t = Table(["a", "b | c"], [["1", "<2>"]], title="T", notes=["n"])
+    assert Table.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+    assert t.to_markdown() == "T\n\n| a | b \\| c |\n|---|---|\n| 1 | <2> |\n\nn\n"
+    assert t.to_html() == "<p>T</p><table><tr><th>a</th><th>b | c</th></tr><tr><td>1</td><td>&lt;2&gt;</td></tr></table><p>n</p>"
+    with pytest.raises(ValueError, match="not a table"):
+        Table.from_dict({"rows": []})
 
 
 def test_report_command(tmp_path, capsys):
     recon = tmp_path / "run" / "eval" / "recon"
     recon.mkdir(parents=True)
-    (recon / "results.md").write_text(RECON_MD)
-    parser = argparse.ArgumentParser()
-    add_report_command(parser.add_subparsers())
+    (recon / "results.json").write_text(json.dumps({"table": RECON.to_dict()}))
+    parser = build_parser()
     args = parser.parse_args(["report", str(tmp_path / "run")])
     args.fn(args)
     assert capsys.readouterr().out.strip() == str(tmp_path / "run" / "report.html")
-    assert "<td style='text-align:right'>14748.72</td>" in (tmp_path / "run" / "report.html").read_text()
+    assert "<td>14748.72</td>" in (tmp_path / "run" / "report.html").read_text()
     args = parser.parse_args(["report", str(tmp_path / "run"), "-o", str(tmp_path / "x.html")])
     args.fn(args)
     assert (tmp_path / "x.html").is_file()

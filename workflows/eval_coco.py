@@ -18,43 +18,41 @@ from pathlib import Path
 
 import numpy as np
 
-from layton.config import CocoEvalConfig, PreferenceScorers
+from layton.devices import pick_device, pick_dtype
+from layton.geneval import load_image
+from layton.model_files import check_file, check_model_dir
+from layton.ray_cluster import ray_session
+from layton.scorers.facescore import FaceScoreScorer
+from layton.scorers.hpsv2 import HPSv2Scorer
+from layton.scorers.imagereward import ImageRewardScorer
+from layton.scorers.mps import MPSScorer
+from pipelines.coco import match_images, read_captions, result_table, summarize
+from pipelines.eval_data import score_rows, write_results
+from pipelines.generate import GenerateSettings, check_laytongen_dir, generate_prompts
+from stages.eval_coco.config import CocoEvalConfig, PreferenceScorers
 
 
 class ScorePreferences:
     """Ray Data actor: the configured preference scorers over (id, prompt, file) rows."""
 
     def __init__(self, scorers: dict, device: str = "auto"):
-        from layton.config import PreferenceScorers
-        from layton.devices import pick_device, pick_dtype
-
         cfg = PreferenceScorers.model_validate(scorers)
         device = pick_device(device)
         dtype = pick_dtype(cfg.dtype, device)
         self.scorers, self.facescore = {}, None
         if cfg.imagereward:
-            from layton.scorers.imagereward import ImageRewardScorer
-
             ir = cfg.imagereward
             self.scorers["imagereward"] = ImageRewardScorer.from_release(ir.checkpoint, ir.med_config, ir.tokenizer,
                                                                          device=device, dtype=dtype).score
         if cfg.mps:
-            from layton.scorers.mps import MPSScorer
-
             self.scorers["mps"] = MPSScorer.from_release(cfg.mps.checkpoint, cfg.mps.processor, device=device, dtype=dtype).score
         if cfg.hpsv2:
-            from layton.scorers.hpsv2 import HPSv2Scorer
-
             self.scorers["hpsv2"] = HPSv2Scorer(cfg.hpsv2.checkpoint, cfg.hpsv2.architecture, device=device, dtype=dtype).score
         if cfg.facescore:
-            from layton.scorers.facescore import FaceScoreScorer
-
             fs = cfg.facescore
             self.facescore = FaceScoreScorer(fs.checkpoint, fs.med_config, fs.tokenizer, device=device, dtype=dtype)
 
     def __call__(self, batch: dict) -> dict:
-        from layton.geneval import load_image
-
         rows, images = [], []
         for pid, prompt, f in zip(batch["id"], batch["prompt"], batch["file"]):
             row = {"id": str(pid), "prompt": str(prompt), "file": str(f), "reason": ""}
@@ -79,8 +77,6 @@ class ScorePreferences:
 
 def check_scorer_files(sc: PreferenceScorers) -> None:
     """Every file of the configured scorers; errors name the field."""
-    from layton.model_files import check_file, check_model_dir
-
     if sc.imagereward:
         check_file(sc.imagereward.checkpoint, "scorers.imagereward.checkpoint")
         check_file(sc.imagereward.med_config, "scorers.imagereward.med_config")
@@ -100,9 +96,6 @@ def check_scorer_files(sc: PreferenceScorers) -> None:
 
 def check_coco_inputs(config: CocoEvalConfig) -> list[tuple[str, str]]:
     """Captions, scorer files and generator/images checked before Ray starts (errors name the field)."""
-    from layton.coco import read_captions
-    from pipelines.generate import check_laytongen_dir
-
     pairs = read_captions(config.captions, config.limit)
     check_scorer_files(config.scorers)
     if config.generator is not None:
@@ -113,15 +106,7 @@ def check_coco_inputs(config: CocoEvalConfig) -> list[tuple[str, str]]:
 
 
 def run_coco_eval(config: CocoEvalConfig) -> dict:
-    import ray
-
-    from layton.coco import markdown_table, match_images, summarize
-    from layton.ray_cluster import init_ray
-    from pipelines.eval_data import score_rows, write_results
-    from pipelines.generate import GenerateSettings, generate_prompts
-
     t0 = time.time()
-    config = config.with_absolute_paths()
     pairs = check_coco_inputs(config)
     res = config.resources
     device = "cuda" if res.num_gpus else "cpu"
@@ -130,8 +115,7 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
     # An empty caption is bad input here (LaytonGen would sample it unconditionally): recorded, not run.
     rows = [{"id": i, "prompt": "", "file": "", "reason": "empty caption"} for i, t in pairs if not t.strip()]
     pairs = [(i, t) for i, t in pairs if t.strip()]
-    started_here = init_ray(config.ray)
-    try:
+    with ray_session(config.ray):
         generated = None
         if config.generator:
             s = config.sampling
@@ -146,9 +130,6 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
             raise FileNotFoundError(f"images: {config.images} holds no image for any of the {len(pairs)} caption(s)")
         rows += score_rows(items, ScorePreferences, dict(scorers=config.scorers.model_dump(mode="json"), device=device),
                            config.batch_size, res)
-    finally:
-        if started_here:
-            ray.shutdown()
     rows.sort(key=lambda r: r["id"])
     scored = [r for r in rows if not r["reason"]]
     metrics = config.scorers.names()
@@ -159,5 +140,5 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
             "converted": sum(bool(r.get("converted")) for r in scored),
             "without_face": sum(r.get("faces") == 0 for r in scored) if "facescore" in metrics else None,
             "generated": generated, "config": config.model_dump(mode="json"), "seconds": time.time() - t0}
-    write_results(out, rows, body, f"COCO ({len(scored)} images)\n\n" + markdown_table(summary, name, len(scored)) + "\n")
+    write_results(out, rows, body, result_table(summary, name, len(scored)))
     return body

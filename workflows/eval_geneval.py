@@ -12,41 +12,53 @@ overall) and `results.md` (the paper's table).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
+import ray
 
-from layton.config import GenEvalRunConfig
+from layton.completion import fingerprint, is_complete
+from layton.config import SamplingConfig
+from layton.detection import Mask2FormerDetector
+from layton.devices import pick_device
+from layton.geneval import GenEvalPrompt, write_sample_dir
+from layton.geneval import load_image, result_row
+from layton.geneval import read_metadata
+from layton.geneval import read_sample_dirs, result_table, sample_dir, summarize
+from layton.laytongen import LaytonGenPipeline
+from layton.model_files import check_model_dir
+from layton.ray_cluster import ray_session
+from layton.scorers.clip_colour import ClipColourClassifier
+from layton.seeds import derive_seed
+from pipelines.eval_data import score_rows, write_results
+from pipelines.generate import check_laytongen_dir
+from stages.eval_geneval.config import GenEvalRunConfig
 
 
 def sample_seed(seed: int, index: int, k: int) -> int:
-    return (seed * 1_000_003 + index * 1009 + k) % 2**31
+    return derive_seed("geneval", seed, index, k)
 
 
 class GenerateSamples:
     """Ray Data actor: LaytonGen samples for GenEval prompts, written in GenEval's layout."""
 
-    def __init__(self, generator: str, sampling: dict, images_dir: str, n: int, seed: int, device: str = "auto"):
-        from layton.config import SamplingConfig
-        from layton.devices import pick_device
-        from layton.laytongen import LaytonGenPipeline
-
+    def __init__(self, generator: str, sampling: dict, images_dir: str, n: int, seed: int, fingerprint: str,
+                 device: str = "auto"):
         s = SamplingConfig.model_validate(sampling)
         self.pipe = LaytonGenPipeline.from_pretrained(generator, device=pick_device(device))
         self.params = self.pipe.default_params(cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         self.size, self.steps = s.image_size, s.decode_steps
-        self.images_dir, self.n, self.seed = images_dir, n, seed
+        self.images_dir, self.n, self.seed, self.fingerprint = images_dir, n, seed, fingerprint
 
     def __call__(self, batch: dict) -> dict:
-        from layton.geneval import GenEvalPrompt, write_sample_dir
-
         for line in batch["line"]:
             p = GenEvalPrompt(**json.loads(line))
             out = self.pipe([p.prompt] * self.n, seed=[sample_seed(self.seed, p.index, k) for k in range(self.n)],
                             params=self.params, size=self.size, steps=self.steps)
-            write_sample_dir(self.images_dir, p, [g.image for g in out])
+            write_sample_dir(self.images_dir, p, [g.image for g in out], self.fingerprint)
         return {"index": np.array([json.loads(line)["index"] for line in batch["line"]])}
 
 
@@ -54,17 +66,11 @@ class ScoreSamples:
     """Ray Data actor: detector + colour classifier + GenEval's rules over sample images."""
 
     def __init__(self, detector: str, clip: str, device: str = "auto"):
-        from layton.detection import Mask2FormerDetector
-        from layton.devices import pick_device
-        from layton.scorers.clip_colour import ClipColourClassifier
-
         device = pick_device(device)
         self.detector = Mask2FormerDetector(detector, device=device)
         self.colour = ClipColourClassifier(clip, device=device)
 
     def __call__(self, batch: dict) -> dict:
-        from layton.geneval import load_image, result_row
-
         rows, images, metas, files = [], [], [], []
         for f, meta in zip(batch["file"], batch["metadata"]):
             try:
@@ -83,9 +89,6 @@ class ScoreSamples:
 
 def check_geneval_models(config: GenEvalRunConfig):
     """Metadata, detector and CLIP (what no other stage writes); returns the prompts."""
-    from layton.geneval import read_metadata
-    from layton.model_files import check_model_dir
-
     prompts = read_metadata(config.metadata)[: config.limit]
     check_model_dir(config.detector, "detector")
     check_model_dir(config.clip, "clip", marker="open_clip_config.json")
@@ -94,8 +97,6 @@ def check_geneval_models(config: GenEvalRunConfig):
 
 def check_geneval_inputs(config: GenEvalRunConfig):
     """Metadata, detector, CLIP and generator checked before Ray starts (errors name the field/line)."""
-    from pipelines.generate import check_laytongen_dir
-
     prompts = check_geneval_models(config)
     if config.generator is not None:
         check_laytongen_dir(config.generator)
@@ -104,22 +105,13 @@ def check_geneval_inputs(config: GenEvalRunConfig):
     return prompts
 
 
-def _complete(images_dir: Path, index: int, n: int) -> bool:
-    from layton.geneval import sample_dir
-
-    d = sample_dir(images_dir, index)
-    return (d / "metadata.jsonl").is_file() and len(list((d / "samples").glob("*.png"))) >= n
+def generation_fingerprint(config: GenEvalRunConfig) -> str:
+    """What decides a prompt folder's images: a folder made with other settings is generated again."""
+    return fingerprint({"generator": config.generator, "sampling": config.sampling, "seed": config.seed,
+                        "images_per_prompt": config.images_per_prompt})
 
 
 def run_geneval(config: GenEvalRunConfig) -> dict:
-    import dataclasses
-
-    import ray
-
-    from layton.geneval import markdown_table, read_sample_dirs, summarize
-    from layton.ray_cluster import init_ray
-    from pipelines.eval_data import score_rows, write_results
-
     t0 = time.time()
     prompts = check_geneval_inputs(config)
     res = config.resources
@@ -127,17 +119,19 @@ def run_geneval(config: GenEvalRunConfig) -> dict:
     images_dir = Path(config.images).resolve()
     out = Path(config.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    started_here = init_ray(config.ray)
-    try:
+    with ray_session(config.ray):
         generated = 0
         if config.generator:
-            todo = [p for p in prompts if not _complete(images_dir, p.index, config.images_per_prompt)]
+            fp = generation_fingerprint(config)
+            todo = [p for p in prompts if not (sample_dir(images_dir, p.index).is_dir()
+                                               and is_complete(sample_dir(images_dir, p.index), fp))]
             if todo:
                 items = [{"line": json.dumps(dataclasses.asdict(p))} for p in todo]
                 ds = ray.data.from_items(items).map_batches(
                     GenerateSamples, fn_constructor_kwargs=dict(
                         generator=str(Path(config.generator).resolve()), sampling=config.sampling.model_dump(mode="json"),
-                        images_dir=str(images_dir), n=config.images_per_prompt, seed=config.seed, device=device),
+                        images_dir=str(images_dir), n=config.images_per_prompt, seed=config.seed, fingerprint=fp,
+                        device=device),
                     batch_size=1, compute=ray.data.ActorPoolStrategy(size=res.num_actors), num_gpus=res.num_gpus,
                     num_cpus=res.num_cpus, batch_format="numpy")
                 generated = sum(len(b["index"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
@@ -149,13 +143,10 @@ def run_geneval(config: GenEvalRunConfig) -> dict:
         rows = score_rows(items, ScoreSamples, dict(detector=str(Path(config.detector).resolve()),
                                                     clip=str(Path(config.clip).resolve()), device=device),
                           config.batch_size, res)
-    finally:
-        if started_here:
-            ray.shutdown()
     rows.sort(key=lambda r: r["filename"])
     summary = summarize(rows)
     name = Path(config.generator).name if config.generator else images_dir.name
     body = {"task": "geneval", "summary": summary, "images": len(rows), "generated_prompts": generated,
             "config": {**config.model_dump(mode="json"), "output": str(out)}, "seconds": time.time() - t0}
-    write_results(out, rows, body, markdown_table(summary, name) + "\n")
+    write_results(out, rows, body, result_table(summary, name))
     return body

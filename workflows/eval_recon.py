@@ -14,7 +14,6 @@ Outputs: `<output>/results.json`, `<output>/results.md` (the paper's table) and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -22,24 +21,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layton.config import ReconEvalConfig
+from layton.devices import pick_device
+from layton.fid import FeatureStats
+from layton.fid import load_fid_inception
+from layton.model_files import check_file, check_model_dir
+from layton.perceptual import build_lpips
+from layton.ray_cluster import ray_session
+from layton.recon_metrics import ReconMetricState
+from layton.recon_metrics import to_uint8_rgb
+from layton.seeds import derive_seed
+from layton.tables import Table, cell
+from layton.tokenizer import LaytonTokenizer
+from layton.tokenizer import images_to_tensor, vae_decode, vae_encode
+from layton.tokenizer import read_tokenizer_index
+from layton.vq import load_llamagen_vq
+from pipelines.eval_data import check_image_set
+from pipelines.eval_data import read_image_set
+from pipelines.eval_data import write_results
+from pipelines.tokenizer_data import decode_image
+from stages.eval_recon.config import ReconEvalConfig
+from stages.eval_recon.config import ReconMetricsConfig, ReconModelConfig
 
 GRID_IMAGES = 4
 
 
 def _seed(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+    return derive_seed("recon", key)
 
 
 class ReconStage:
     """Ray Data actor: reconstruct a batch with one model and score it (per-batch metric state)."""
 
     def __init__(self, model: dict, metrics: dict, size: int, device: str = "auto"):
-        from layton.config import ReconMetricsConfig, ReconModelConfig
-        from layton.devices import pick_device
-        from layton.fid import load_fid_inception
-        from layton.perceptual import build_lpips
-
         self.m, self.size = ReconModelConfig.model_validate(model), size
         metrics = ReconMetricsConfig.model_validate(metrics)
         self.device = pick_device(device)
@@ -51,8 +64,6 @@ class ReconStage:
     @torch.no_grad()
     def reconstruct(self, images, keys) -> torch.Tensor:
         """PIL images -> (B, 3, size, size) reconstructions in [-1, 1]."""
-        from layton.tokenizer import images_to_tensor, vae_decode, vae_encode
-
         kind, size = self.m.kind, self.size
         if kind == "layton":
             out = [self.model.decode_tensor(self.model.encode([im], encoder_size=self.m.encoder_size), size=size,
@@ -67,9 +78,6 @@ class ReconStage:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        from layton.recon_metrics import ReconMetricState, to_uint8_rgb
-        from pipelines.tokenizer_data import decode_image
-
         state = ReconMetricState()
         keys, images = [], []
         for key, data in zip(batch["key"], batch["image"]):
@@ -102,56 +110,46 @@ class ReconStage:
 
 def _load_reconstructor(m, device):
     if m.kind == "layton":
-        from layton.tokenizer import LaytonTokenizer
-
         return LaytonTokenizer.from_pretrained(m.path).to(device)
     if m.kind == "sdxl_vae":
         from diffusers import AutoencoderKL
 
         sub = "vae" if (Path(m.path) / "vae" / "config.json").is_file() else None
         return AutoencoderKL.from_pretrained(m.path, subfolder=sub).to(device).eval()
-    from layton.vq import load_llamagen_vq
-
     return load_llamagen_vq(m.path).to(device)
 
 
-def check_recon_inputs(config: ReconEvalConfig) -> None:
-    """Every path the job reads, checked before Ray starts; errors name the field."""
-    from layton.model_files import check_file, check_model_dir
-    from layton.tokenizer import CONFIG_NAME
-    from pipelines.eval_data import check_image_set
-
-    check_image_set(config.data)
+def check_recon_models(config: ReconEvalConfig, linked: bool = True) -> None:
+    """The metric models and the models to evaluate; `linked=False` leaves out the Layton
+    tokenizers (another stage of a workflow may write them)."""
     check_file(config.metrics.inception, "metrics.inception")
     check_file(config.metrics.lpips.backbone, "metrics.lpips.backbone")
     for i, m in enumerate(config.models):
         where = f"models[{i}].path ({m.name})"
         if m.kind == "layton":
-            check_file(Path(m.path) / CONFIG_NAME, where)
+            if linked:
+                read_tokenizer_index(m.path, where)
         elif m.kind == "sdxl_vae":
             check_model_dir(Path(m.path) / "vae" if (Path(m.path) / "vae").is_dir() else m.path, where)
         else:
             check_file(m.path, where)
 
 
-def markdown_table(results: dict[str, dict], size: int) -> str:
-    lines = [f"Reconstruction at {size}x{size}", "", "| Method | rFID ↓ | PSNR ↑ | SSIM ↑ | LPIPS ↓ | images |",
-             "|---|---|---|---|---|---|"]
+def check_recon_inputs(config: ReconEvalConfig) -> None:
+    """Every path the job reads, checked before Ray starts; errors name the field."""
+    check_image_set(config.data)
+    check_recon_models(config)
 
-    def f(v, nd):
-        return "–" if v is None else f"{v:.{nd}f}"
 
-    for name, r in results.items():
-        lines.append(f"| {name} | {f(r['rfid'], 2)} | {f(r['psnr'], 2)} | {f(r['ssim'], 4)} | {f(r['lpips'], 4)} | {r['n']} |")
-    return "\n".join(lines) + "\n"
+def result_table(results: dict[str, dict], size: int) -> Table:
+    return Table(["Method", "rFID ↓", "PSNR ↑", "SSIM ↑", "LPIPS ↓", "images"],
+                 [[name, cell(r["rfid"], 2), cell(r["psnr"], 2), cell(r["ssim"], 4), cell(r["lpips"], 4), str(r["n"])]
+                  for name, r in results.items()], title=f"Reconstruction at {size}x{size}")
 
 
 def evaluate_model(config: ReconEvalConfig, model, out: Path) -> dict:
     import ray
 
-    from layton.fid import FeatureStats
-    from layton.recon_metrics import ReconMetricState
-    from pipelines.eval_data import read_image_set
 
     r = config.resources
     ds = read_image_set(config.data).map_batches(
@@ -183,23 +181,13 @@ def _slug(name: str) -> str:
 
 
 def run_recon_eval(config: ReconEvalConfig) -> dict:
-    from layton.ray_cluster import init_ray
-
     t0 = time.time()
     check_recon_inputs(config)
-    config = config.with_absolute_paths()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    started_here = init_ray(config.ray)
-    try:
+    with ray_session(config.ray):
         results = {m.name: evaluate_model(config, m, out) for m in config.models}
-    finally:
-        if started_here:
-            import ray
-
-            ray.shutdown()
     body = {"task": "reconstruction", "size": config.size, "data": config.data.path, "results": results,
             "config": config.model_dump(mode="json"), "seconds": time.time() - t0}
-    (out / "results.json").write_text(json.dumps(body, indent=1))
-    (out / "results.md").write_text(markdown_table(results, config.size))
+    write_results(out, [{"model": name, **r} for name, r in results.items()], body, result_table(results, config.size))
     return body

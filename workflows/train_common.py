@@ -8,28 +8,56 @@ its latest checkpoint) plus what the job writes itself:
     <job>/tensorboard/    scalars and image grids
     <job>/history.jsonl   the logged metrics, one line a log step (with the step it resumed from)
     <job>/<export>/       the last checkpoint without the optimizer: what users load
+
+`run_training` is the loop every worker runs; a job supplies the model-specific part as a
+`TrainTask` (its model, batches, loss and image grids) and the cadence as `LoopSettings`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from ray.train.torch import TorchTrainer
+from ray.util.metrics import Gauge
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+from layton.checkpoint_io import load_training_state, save_training_state
+from layton.seeds import derive_seed
+from layton.tokenizer import tensor_to_images
+
+log = logging.getLogger(__name__)
 
 
-def exported_step(directory: Path) -> int | None:
-    try:
-        return json.loads((directory / "trainer_state.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
+# --- seeds ------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The CPU generator of one worker's step (noise, timesteps, caption dropout): a function of
+    (seed, step, rank) alone, so a resumed run draws what an uninterrupted one would have."""
+    return torch.Generator("cpu").manual_seed(derive_seed("train-step", seed, step, rank))
+
+
+def epoch_seed(shuffle_seed: int, epoch: int, rank: int) -> int:
+    """The row order of one worker's epoch: new every epoch, different on every worker."""
+    return derive_seed("train-epoch", shuffle_seed, epoch, rank)
+
+
+# --- the parts of a step ---------------------------------------------------------------------------
 
 
 def build_optimizer(optim_cfg, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -68,7 +96,7 @@ class EpochBatches:
         self.cache: list[dict] = []
 
     def epoch(self, n: int):
-        seed = self.cfg.shuffle_seed + 7919 * n + self.rank
+        seed = epoch_seed(self.cfg.shuffle_seed, n, self.rank)
         if self.cache:
             for i in np.random.default_rng(seed).permutation(len(self.cache)):
                 yield self.cache[i]
@@ -85,11 +113,8 @@ class MetricsLog:
 
     def __init__(self, job_dir: Path, rank: int, prefix: str, resumed_from: int):
         self.job_dir, self.prefix, self.resumed_from = job_dir, prefix, resumed_from
-        self.writer = None
-        if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(job_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(job_dir / "tensorboard")) if rank == 0 else None
+        self._gauges: dict[str, Gauge] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -116,13 +141,9 @@ class MetricsLog:
 
     def _export(self, metrics: dict) -> None:
         """Training progress for the Ray dashboard's metrics view (`ray_layton_train_*` in Prometheus)."""
-        import ray
-
         if not ray.is_initialized():
             return
-        if not hasattr(self, "_gauges"):
-            from ray.util.metrics import Gauge
-
+        if self._gauges is None:
             self._gauges = {k: Gauge(f"layton_train_{k}", description=f"training {k} at the last log step", tag_keys=("job",))
                             for k in ("step", "loss", "samples_per_s")}
         for k, g in self._gauges.items():
@@ -140,10 +161,6 @@ class MetricsLog:
 
 def save_grid(images: torch.Tensor, nrow: int, path: Path, mlog: MetricsLog, tag: str, step: int) -> None:
     """(N, 3, H, W) in [-1, 1] -> a PNG grid at `path` and a TensorBoard image."""
-    from torchvision.utils import make_grid
-
-    from layton.tokenizer import tensor_to_images
-
     grid = make_grid(images.float().cpu().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tensor_to_images(grid[None] * 2 - 1)[0].save(path)
@@ -153,10 +170,6 @@ def save_grid(images: torch.Tensor, nrow: int, path: Path, mlog: MetricsLog, tag
 def report_checkpoint(save: Callable[[Path], None], opt, sched, state: dict, rank: int, metrics: dict) -> None:
     """Rank 0 writes the model directory (`save(dir)`) + training state; Ray persists it before
     recording it, so a run killed while saving resumes from the previous checkpoint."""
-    import ray.train
-
-    from layton.checkpoint_io import save_training_state
-
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -168,8 +181,6 @@ def report_checkpoint(save: Callable[[Path], None], opt, sched, state: dict, ran
 
 def report_step(metrics: dict | None, checkpoint: bool, save: Callable[[Path], None], opt, sched, state: dict, rank: int) -> None:
     """The end of a step: a checkpoint (with its metrics), or the metrics of a log step, or nothing."""
-    import ray.train
-
     if checkpoint:
         report_checkpoint(save, opt, sched, state, rank, metrics)
     elif metrics is not None:
@@ -184,6 +195,145 @@ def check_epoch(seen: int, progressed: bool, skipped: int) -> None:
         raise RuntimeError(f"a whole epoch of {seen} batch(es) had no usable sample ({skipped} skipped)")
 
 
+# --- the loop --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Worker:
+    rank: int
+    world: int
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """A job's step budget and cadence. Steps are optimizer updates, counted across resumes; the
+    last step always logs, checkpoints and draws images."""
+
+    max_steps: int
+    batch_size: int  # rows per worker and step
+    log_every: int
+    checkpoint_every: int
+    image_every: int  # rank 0's grids (`TrainTask.save_images`)
+    mixed_precision: str  # "no" | "bf16" | "fp16"
+    optim: Any  # layton.config.OptimConfig
+
+    @classmethod
+    def of(cls, section, image_every: int) -> LoopSettings:
+        """From a config section that names the fields as this class does."""
+        return cls(section.max_steps, section.batch_size, section.log_every, section.checkpoint_every, image_every,
+                   section.mixed_precision, section.optim)
+
+    def due(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.max_steps
+
+
+class TrainTask(Protocol):
+    """The model-specific half of a training job; `run_training` does the rest. Built on the worker
+    (after the seed is set), so that every worker builds the same initial weights."""
+
+    name: str  # the TensorBoard tag prefix (and the job's name in logs)
+    skipped_metric: str  # the logged count of unusable rows ("skipped_images", "skipped_rows")
+    state: dict  # extra fields for the checkpoint's trainer_state.json
+    params: list[torch.nn.Parameter]  # what the optimizer trains and the gradient clip measures
+    module: torch.nn.Module  # what DDP wraps: the `model` that `loss` is given
+
+    def load(self, directory: Path) -> None:
+        """The trained weights from a checkpoint directory (`run_training` restores the optimizer)."""
+
+    def save(self, directory: Path) -> None:
+        """The model directory of a checkpoint (and of the export)."""
+
+    def make_batch(self, rows: dict, step: int) -> Any | None:
+        """Rows -> model inputs on the device, with `.skipped` (rows left out); None: none usable."""
+
+    def batch_size(self, batch) -> int:
+        """The samples in `batch` (for samples/s)."""
+
+    def loss(self, model: torch.nn.Module, batch, generator: torch.Generator) -> torch.Tensor:
+        """The step's loss; `generator` is `step_generator`'s, for every random draw of the step."""
+
+    def log_metrics(self, batch) -> dict:
+        """Metrics of a log step beyond loss, lr, grad norm and skips (from the step's batch)."""
+
+    def save_images(self, step: int, mlog: MetricsLog) -> None:
+        """Rank 0, every `image_every` steps: grids to files and TensorBoard."""
+
+
+def run_training(build_task: Callable[[Worker], TrainTask], settings: LoopSettings, *, seed: int, data_cfg,
+                 job_dir: Path) -> None:
+    """The training loop of a Ray Train worker: build, resume, then step until `max_steps`, reporting
+    metrics every `log_every` steps and a checkpoint every `checkpoint_every` (see `report_step`)."""
+    ctx = ray.train.get_context()
+    worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    rank, world = worker.rank, worker.world
+    torch.manual_seed(seed + rank)
+    task = build_task(worker)
+    opt, sched = build_optimizer(settings.optim, task.params)
+
+    step = resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            task.load(Path(d))
+            step = resumed_from = load_training_state(Path(d), opt, sched)["step"]
+        log.warning("%s resumes at step %d", task.name, step)
+    if step >= settings.max_steps:
+        # Nothing to train (max_steps lowered, or killed before the export): Ray's result still holds
+        # the restored checkpoint, which the driver exports.
+        log.warning("%s: the checkpoint's step %d reaches max_steps %d: no step to run", task.name, step, settings.max_steps)
+        return
+
+    model = task.module
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    model.train()
+    mlog = MetricsLog(job_dir, rank, task.name, resumed_from)
+    batches = EpochBatches(ray.train.get_dataset_shard("train"), settings.batch_size, data_cfg, rank)
+    skipped, epoch = 0, 0
+    try:
+        while step < settings.max_steps:
+            seen, epoch, steps_at_epoch_start = 0, epoch + 1, step
+            for rows in batches.epoch(epoch):
+                seen += 1
+                b = task.make_batch(rows, step)
+                if b is None:
+                    skipped += len(rows["key"])
+                    continue
+                skipped += b.skipped
+                with autocast(worker.device, settings.mixed_precision):
+                    loss = task.loss(model, b, step_generator(seed, step, rank))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = clip_and_step(opt, sched, task.params, settings.optim.grad_clip)
+                step += 1
+                mlog.add(loss.item(), task.batch_size(b) * world)
+
+                if rank == 0 and settings.due(step, settings.image_every):
+                    task.save_images(step, mlog)
+                checkpoint_due = settings.due(step, settings.checkpoint_every)
+                metrics = None
+                if checkpoint_due or settings.due(step, settings.log_every):
+                    metrics = mlog.flush(step, lr=sched.get_last_lr()[0], grad_norm=grad_norm,
+                                         **{task.skipped_metric: skipped}, **task.log_metrics(b))
+                report_step(metrics, checkpoint_due, task.save, opt, sched, {"step": step, **task.state}, rank)
+                if step >= settings.max_steps:
+                    break
+            check_epoch(seen, step > steps_at_epoch_start, skipped)
+    finally:
+        mlog.close()
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+
+def exported_step(directory: Path) -> int | None:
+    try:
+        return json.loads((directory / "trainer_state.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
 def export_checkpoint(checkpoint_dir: Path, dest: Path) -> None:
     """Copy a checkpoint to `dest` atomically (a temp name, then rename); the optimizer is left out."""
     tmp = dest.with_name(dest.name + ".tmp")
@@ -194,14 +344,31 @@ def export_checkpoint(checkpoint_dir: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def fit(train_loop, loop_config: dict, run_cfg, job_dir: Path, datasets: dict, export: Path):
+@dataclass
+class TrainResult:
+    """What a training job's driver returns."""
+
+    export: str  # the exported model directory
+    step: int | None  # the export's step
+    skipped: bool  # the export was already complete: nothing ran
+    metrics: dict  # the last reported metrics (empty when skipped)
+    precompute: dict | None  # the marker of the precompute pass this call ran or checked
+    seconds: float
+    stage: int | None = None  # the tokenizer stage
+
+    @classmethod
+    def of(cls, export: Path, started: float, *, skipped: bool = False, metrics: dict | None = None,
+           precompute: dict | None = None, stage: int | None = None) -> TrainResult:
+        return cls(str(export), exported_step(export), skipped, metrics or {}, precompute, time.time() - started, stage)
+
+
+def fit(train_loop, loop_config: dict, run_cfg, job_dir: Path, datasets: dict, export: Path) -> dict:
     """Run `train_loop` on `run_cfg.num_workers` Ray Train workers; export the last checkpoint.
 
-    Returns Ray's result. The caller has connected to Ray (and shuts a local instance down).
+    Returns the last reported metrics. The caller has connected to Ray (and shuts a local instance
+    down). A resumed run with no step left reports nothing: Ray's result is then the restored
+    checkpoint (and its metrics), which is exported as it is.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -216,4 +383,4 @@ def fit(train_loop, loop_config: dict, run_cfg, job_dir: Path, datasets: dict, e
         raise RuntimeError(f"{job_dir.name} finished without a checkpoint in {job_dir}")
     with result.checkpoint.as_directory() as d:
         export_checkpoint(Path(d), export)
-    return result
+    return dict(result.metrics or {})

@@ -1,8 +1,9 @@
 """Tokenizer training on Ray Train: stage 1 (diffusion loss) and stage 2 (consistency + LPIPS).
 
-`run_tokenizer_stage(config, stage)` is what `layton train tokenizer --stage N CONFIG` runs. The
-training loop is a plain function of its config (`train_loop`), run by a `TorchTrainer` on N
-workers (DDP over the trainable ControlNet copy and token embedder; everything else is frozen).
+`run_tokenizer_stage(config, stage)` is what `layton train tokenizer --stage N CONFIG` runs: the
+precompute pass (when data.precompute), then `train_loop` on N `TorchTrainer` workers. Each runs
+`train_common.run_training` with a `TokenizerTask` (DDP over the trainable ControlNet copy and
+token embedder; everything else is frozen).
 
 Layout under `run.storage_path`:
 
@@ -20,7 +21,6 @@ export (or `stage2.init_from`).
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,21 +28,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
-from layton.config import TokenizerTrainConfig
-from layton.tokenizer import CONFIG_NAME, LaytonTokenizer, check_tokenizer_models, images_to_tensor
-from workflows.train_common import (EpochBatches, MetricsLog, autocast, build_optimizer, clip_and_step, exported_step,
-                                    check_epoch, fit, report_step, save_grid)
-
-log = logging.getLogger(__name__)
-
-
-def stage_dir(config: TokenizerTrainConfig, stage: int) -> Path:
-    return Path(config.run.storage_path).resolve() / f"{config.run.name}-stage{stage}"
+from layton.ladd_sampling import consistency_latents
+from layton.perceptual import build_lpips
+from layton.ray_cluster import ray_session
+from layton.tokenizer import LaytonTokenizer, check_tokenizer_models, images_to_tensor, is_tokenizer_dir
+from pipelines.precompute import read_marker
+from pipelines.tokenizer_data import (decode_image, precompute, precompute_settings, read_precomputed,
+                                      read_shard_images, shard_tars)
+from stages.tokenizer.config import TokenizerTrainConfig
+from workflows.train_common import LoopSettings, MetricsLog, TrainResult, Worker, exported_step, fit, run_training, save_grid
 
 
 def init_from(config: TokenizerTrainConfig) -> Path:
-    return Path(config.stage2.init_from) if config.stage2.init_from else stage_dir(config, 1) / "tokenizer"
+    return Path(config.stage2.init_from) if config.stage2.init_from else config.stage_dir(1) / "tokenizer"
 
 
 # --- the loop that runs on every worker ------------------------------------------------------------
@@ -64,12 +64,12 @@ class Batch:
     latents: torch.Tensor | None  # (B, 4, R/8, R/8) scaled VAE latents (stage 1)
     pixels: torch.Tensor | None  # (B, 3, R, R) in [-1, 1] (stage 2)
     skipped: int
+    resolution: int  # R: the target size of this step
+    encoder_size: int  # the VQ's input size of this step
 
 
 def make_batch(batch: dict, tok: LaytonTokenizer, px: int, enc_size: int, *, latents: bool, pixels: bool) -> Batch | None:
     """Rows of shard images or of the precompute pass -> model inputs; unusable images are skipped."""
-    from pipelines.tokenizer_data import decode_image
-
     device = tok.device
     n = len(batch["key"])
     errors = batch.get("error", [None] * n)
@@ -101,7 +101,7 @@ def make_batch(batch: dict, tok: LaytonTokenizer, px: int, enc_size: int, *, lat
             with torch.no_grad():
                 z = tok.vae_encode(images_to_tensor(images, px).to(device)).float()
     x = images_to_tensor(images, px).to(device) if pixels else None
-    return Batch(features, z, x, skipped)
+    return Batch(features, z, x, skipped, px, enc_size)
 
 
 def stage1_loss(model, noise_scheduler, b: Batch, generator: torch.Generator) -> torch.Tensor:
@@ -115,8 +115,6 @@ def stage1_loss(model, noise_scheduler, b: Batch, generator: torch.Generator) ->
 
 def stage2_loss(model, tok: LaytonTokenizer, lpips, timesteps: list[int], b: Batch, px: int, generator) -> torch.Tensor:
     """LPIPS(VAE-decode(ẑ0), x0), ẑ0 from pure noise in 1-2 consistency steps (the last with gradients)."""
-    from layton.ladd_sampling import consistency_latents
-
     shape = (b.pixels.shape[0], tok.vae.config.latent_channels, px // tok.vae_scale, px // tok.vae_scale)
     noise = torch.randn(shape, generator=generator).to(b.pixels.device)
     z0 = consistency_latents(model, b.features, noise, tok.scheduler_config, timesteps, generator, grad_last_only=True)
@@ -124,177 +122,118 @@ def stage2_loss(model, tok: LaytonTokenizer, lpips, timesteps: list[int], b: Bat
     return lpips(x, b.pixels).mean()
 
 
-def _save_grid(tok: LaytonTokenizer, features: torch.Tensor, targets: torch.Tensor, px: int, stage: int, path: Path,
-               mlog: MetricsLog, step: int):
-    """Top row: targets; bottom row: reconstructions (stage 1 by 8 DDIM steps, stage 2 by its consistency steps)."""
-    was_training = tok.ladd.training
-    tok.ladd.eval()
-    with torch.no_grad():
-        z = tok.latents(features, px, steps=8 if stage == 1 else None, generator=torch.Generator("cpu").manual_seed(0))
-        recon = tok.vae_decode(z).float().clamp(-1, 1)
-    tok.ladd.train(was_training)
-    save_grid(torch.cat([targets.cpu(), recon.cpu()]), targets.shape[0], path, mlog, "reconstruction", step)
+class TokenizerTask:
+    """A tokenizer stage's part of `run_training`: the trainable ControlNet copy and token embedder
+    (everything else frozen), the stage's loss, and rank 0's reconstruction grids."""
+
+    skipped_metric = "skipped_images"
+
+    def __init__(self, config: TokenizerTrainConfig, stage: int, worker: Worker):
+        st = config.stage(stage)
+        self.config, self.stage, self.st, self.rank = config, stage, st, worker.rank
+        self.name, self.state = f"stage{stage}", {"stage": stage}
+        tok = _build_model(config, stage).to(worker.device)
+        if st.gradient_checkpointing:
+            tok.ladd.enable_gradient_checkpointing()
+        if st.vae_slicing:
+            tok.vae.enable_slicing()
+        if worker.device.type == "cuda" and st.mixed_precision != "no":
+            half = torch.bfloat16 if st.mixed_precision == "bf16" else torch.float16
+            for frozen in (tok.ladd.unet, tok.vae, tok.vq):  # frozen weights in half precision; trainable stay float32
+                frozen.to(half)
+        self.tok, self.module, self.params = tok, tok.ladd, tok.ladd.trainable_parameters()
+        self.noise_scheduler = DDPMScheduler.from_config(tok.scheduler_config)
+        self.lpips, self.timesteps = None, None
+        if stage == 2:
+            self.lpips = build_lpips(config.stage2.lpips.net, config.stage2.lpips.backbone).to(worker.device)
+            self.timesteps = config.stage2.consistency.resolved_timesteps()
+        self.grid: tuple[torch.Tensor, torch.Tensor, int] | None = None  # rank 0: (features, targets, px) for the grids
+
+    def load(self, d: Path) -> None:
+        self.tok.load_trained(d)
+
+    def save(self, d: Path) -> None:
+        self.tok.save_pretrained(d, stage=self.stage)
+
+    def make_batch(self, rows: dict, step: int) -> Batch | None:
+        px = self.st.resolution_at(step)
+        # The encoder scale is drawn per step, identically on every worker (a seeded draw).
+        enc_size = int(np.random.default_rng([self.config.run.seed, step]).choice(self.config.model.encoder_sizes))
+        want_grid = self.rank == 0 and self.grid is None  # the first usable batch's images become the grids' targets
+        b = make_batch(rows, self.tok, px, enc_size, latents=self.stage == 1, pixels=self.stage == 2 or want_grid)
+        if b is not None and want_grid and b.pixels is not None:
+            k = min(4, b.pixels.shape[0])
+            self.grid = (b.features[:k], b.pixels[:k], px)
+        return b
+
+    def batch_size(self, b: Batch) -> int:
+        return b.features.shape[0]
+
+    def loss(self, model, b: Batch, generator: torch.Generator) -> torch.Tensor:
+        if self.stage == 1:
+            return stage1_loss(model, self.noise_scheduler, b, generator)
+        return stage2_loss(model, self.tok, self.lpips, self.timesteps, b, b.resolution, generator)
+
+    def log_metrics(self, b: Batch) -> dict:
+        return {"resolution": b.resolution, "encoder_size": b.encoder_size}
+
+    def save_images(self, step: int, mlog: MetricsLog) -> None:
+        """Top row: targets; bottom row: reconstructions (stage 1 by 8 DDIM steps, stage 2 by its consistency steps)."""
+        if self.grid is None:
+            return
+        tok, (features, targets, px) = self.tok, self.grid
+        was_training = tok.ladd.training
+        tok.ladd.eval()
+        with torch.no_grad():
+            z = tok.latents(features, px, steps=8 if self.stage == 1 else None, generator=torch.Generator("cpu").manual_seed(0))
+            recon = tok.vae_decode(z).float().clamp(-1, 1)
+        tok.ladd.train(was_training)
+        path = self.config.stage_dir(self.stage) / "grids" / f"step_{step:07d}.png"
+        save_grid(torch.cat([targets.cpu(), recon.cpu()]), targets.shape[0], path, mlog, "reconstruction", step)
 
 
 def train_loop(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    from diffusers import DDPMScheduler
-    from safetensors.torch import load_file
-
-    from layton.checkpoint_io import load_training_state
-    from layton.tokenizer import WEIGHTS_NAME
-
     config = TokenizerTrainConfig.model_validate(loop_config["config"])
     stage = loop_config["stage"]
     st = config.stage(stage)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config.run.seed + rank)
-
-    tok = _build_model(config, stage).to(device)
-    if st.gradient_checkpointing:
-        tok.ladd.enable_gradient_checkpointing()
-    if st.vae_slicing:
-        tok.vae.enable_slicing()
-    if device.type == "cuda" and st.mixed_precision != "no":
-        half = torch.bfloat16 if st.mixed_precision == "bf16" else torch.float16
-        for frozen in (tok.ladd.unet, tok.vae, tok.vq):  # frozen weights in half precision; trainable stay float32
-            frozen.to(half)
-    opt, lr_sched = build_optimizer(st.optim, tok.ladd.trainable_parameters())
-
-    step = resumed_from = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            tok.ladd.load_trainable_state_dict(load_file(Path(d) / WEIGHTS_NAME, device=str(device)))
-            step = resumed_from = load_training_state(Path(d), opt, lr_sched)["step"]
-        log.warning("stage %d resumes at step %d", stage, step)
-
-    model = ray.train.torch.prepare_model(tok.ladd, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else tok.ladd
-    model.train()
-    noise_scheduler = DDPMScheduler.from_config(tok.scheduler_config)
-    lpips = None
-    if stage == 2:
-        from layton.perceptual import build_lpips
-
-        lpips = build_lpips(config.stage2.lpips.net, config.stage2.lpips.backbone).to(device)
-        timesteps = config.stage2.consistency.resolved_timesteps()
-
-    out = stage_dir(config, stage)
-    mlog = MetricsLog(out, rank, f"stage{stage}", resumed_from)
-    batches = EpochBatches(ray.train.get_dataset_shard("train"), st.batch_size, config.data, rank)
-    skipped_total = 0
-    grid_batch = None
-    epoch = 0
-    while step < st.max_steps:
-        seen, epoch, steps_at_epoch_start = 0, epoch + 1, step
-        for rows in batches.epoch(epoch):
-            seen += 1
-            px = st.resolution_at(step)
-            # The encoder scale is drawn per step, identically on every worker (a seeded draw).
-            enc_size = int(np.random.default_rng([config.run.seed, step]).choice(config.model.encoder_sizes))
-            b = make_batch(rows, tok, px, enc_size, latents=stage == 1, pixels=stage == 2 or (rank == 0 and grid_batch is None))
-            gen = torch.Generator("cpu").manual_seed(config.run.seed * 1_000_003 + step * 1009 + rank)
-            if b is None:
-                skipped_total += len(rows["key"])
-                continue
-            skipped_total += b.skipped
-            if grid_batch is None and rank == 0 and b.pixels is not None:
-                k = min(4, b.pixels.shape[0])
-                grid_batch = (b.features[:k], b.pixels[:k], px)
-            with autocast(device, st.mixed_precision):
-                if stage == 1:
-                    loss = stage1_loss(model, noise_scheduler, b, gen)
-                else:
-                    loss = stage2_loss(model, tok, lpips, timesteps, b, px, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_and_step(opt, lr_sched, tok.ladd.trainable_parameters(), st.optim.grad_clip)
-            step += 1
-            mlog.add(loss.item(), b.features.shape[0] * world)
-
-            if rank == 0 and (step % st.image_every == 0 or step == st.max_steps) and grid_batch is not None:
-                feats, targets, gpx = grid_batch
-                _save_grid(tok, feats, targets, gpx, stage, out / "grids" / f"step_{step:07d}.png", mlog, step)
-            metrics = None
-            if step % st.log_every == 0 or step % st.checkpoint_every == 0 or step == st.max_steps:
-                metrics = mlog.flush(step, lr=lr_sched.get_last_lr()[0], grad_norm=grad_norm, skipped_images=skipped_total,
-                                     resolution=px, encoder_size=enc_size)
-            report_step(metrics, step % st.checkpoint_every == 0 or step == st.max_steps,
-                        lambda d: tok.save_pretrained(d, stage=stage), opt, lr_sched, {"step": step, "stage": stage}, rank)
-            if step >= st.max_steps:
-                break
-        check_epoch(seen, step > steps_at_epoch_start, skipped_total)
-    mlog.close()
+    run_training(lambda worker: TokenizerTask(config, stage, worker), LoopSettings.of(st, image_every=st.image_every),
+                 seed=config.run.seed, data_cfg=config.data, job_dir=config.stage_dir(stage))
 
 
 # --- the driver ---------------------------------------------------------------------------------
 
 
-@dataclass
-class StageResult:
-    stage: int
-    tokenizer_dir: str
-    step: int
-    skipped: bool  # the export was already complete: nothing ran
-    metrics: dict
-    precompute: dict | None
-    seconds: float
-
-
 def check_stage_inputs(config: TokenizerTrainConfig, stage: int) -> None:
     """Everything a stage will read, checked before Ray starts; errors name the path."""
-    from pipelines.tokenizer_data import shard_tars
-
     check_tokenizer_models(config.model, config.stage2.consistency if stage == 2 else None,
                            config.stage2.lpips if stage == 2 else None)
     shard_tars(config.data.shards)
-    if stage == 2 and not (init_from(config) / CONFIG_NAME).is_file():
+    if stage == 2 and not is_tokenizer_dir(init_from(config)):
         raise FileNotFoundError(
             f"stage2.init_from: {init_from(config)} is not a tokenizer directory (run stage 1 first, or set stage2.init_from)"
         )
 
 
-def run_tokenizer_stage(config: TokenizerTrainConfig, stage: int) -> StageResult:
-    import ray
-
-    from layton.ray_cluster import init_ray
-    from pipelines.precompute import read_marker
-    from pipelines.tokenizer_data import precompute, precompute_dir, precompute_settings, read_precomputed, read_shard_images
-
+def run_tokenizer_stage(config: TokenizerTrainConfig, stage: int) -> TrainResult:
     t0 = time.time()
     st = config.stage(stage)
     check_stage_inputs(config, stage)
-    config = config.with_absolute_paths()
-    out = stage_dir(config, stage)
+    out = config.stage_dir(stage)
     export = out / "tokenizer"
-    if exported_step(export) == st.max_steps:
-        marker = None
-        # LaytonGen reads the precompute pass: keep it current even when training has nothing to do.
-        if config.data.precompute and (read_marker(precompute_dir(config)) or {}).get("settings") != precompute_settings(config):
-            started_here = init_ray(config.ray)
-            try:
-                marker = precompute(config)
-            finally:
-                if started_here:
-                    ray.shutdown()
-        return StageResult(stage, str(export), st.max_steps, True, {}, marker, time.time() - t0)
-
-    started_here = init_ray(config.ray)
     marker = None
-    if config.data.precompute:
-        marker = precompute(config)
-        dataset = read_precomputed(config)
-    else:
-        dataset = read_shard_images(config.data.shards)
+    if exported_step(export) == st.max_steps:
+        # LaytonGen reads the precompute pass: keep it current even when training has nothing to do.
+        if config.data.precompute and (read_marker(config.precompute_path()) or {}).get("settings") != precompute_settings(config):
+            with ray_session(config.ray):
+                marker = precompute(config)
+        return TrainResult.of(export, t0, skipped=True, precompute=marker, stage=stage)
 
-    try:
-        result = fit(train_loop, {"config": config.model_dump(mode="json"), "stage": stage}, config.run, out,
-                     {"train": dataset}, export)
-    finally:
-        if started_here:
-            ray.shutdown()
-    step = exported_step(export)
-    return StageResult(stage, str(export), step, False, dict(result.metrics or {}), marker, time.time() - t0)
+    with ray_session(config.ray):
+        if config.data.precompute:
+            marker = precompute(config)
+            dataset = read_precomputed(config)
+        else:
+            dataset = read_shard_images(config.data.shards)
+        metrics = fit(train_loop, {"config": config.model_dump(mode="json"), "stage": stage}, config.run, out,
+                      {"train": dataset}, export)
+    return TrainResult.of(export, t0, metrics=metrics, precompute=marker, stage=stage)

@@ -1,5 +1,9 @@
 """FaceScore (OPPO-Mente-Lab) scorer: ImageReward's model with FaceScore's weights, applied to faces.
 
+The release is loaded by `ImageRewardScorer.from_release`, and each batch of face crops goes through
+that scorer's tokenizer, preprocessing and forward (`ImageRewardScorer.rewards(normalise=False)`);
+this module adds only the face detection, the fixed text and the per-image aggregation.
+
 Release layout (Hugging Face `OPPOer/FaceScore`, folder `FaceScore_model/`):
 
     FS_model.pt        torch.save(state_dict) loaded by upstream into `ImageReward.ImageReward`
@@ -32,7 +36,7 @@ from PIL import Image
 from layton.faces import Box, CascadeFaceDetector, crop_box, crop_faces
 from layton.model_files import check_file, check_model_dir
 from layton.scorers import check_pairs
-from layton.scorers.imagereward import MAX_TEXT_LENGTH, ImageRewardModel, ImageRewardScorer, preprocess_image
+from layton.scorers.imagereward import ImageRewardScorer
 
 FACE_PROMPT = "A face."  # upstream's `default_prompt`
 NO_FACE = "no face detected"
@@ -61,15 +65,11 @@ class FaceScoreScorer:
         med_config = check_file(med_config, "FaceScore med_config")
         tokenizer = check_model_dir(tokenizer, "FaceScore tokenizer", marker="tokenizer_config.json")
         self.detector = detector if detector is not None else CascadeFaceDetector()
-        ir = ImageRewardScorer.from_release(checkpoint, med_config, tokenizer, device=device, dtype=dtype)
-        self.model: ImageRewardModel = ir.model
-        self.tokenizer = ir.tokenizer
-        self.device, self.dtype, self.image_size = ir.device, ir.dtype, ir.image_size
+        self.imagereward = ImageRewardScorer.from_release(checkpoint, med_config, tokenizer, device=device, dtype=dtype)
         self.prompt = prompt
         self.margin = margin
         self.batch_size = batch_size
 
-    @torch.inference_mode()
     def score_faces(self, prompts: list[str] | None, face_crops: list[Image.Image]) -> np.ndarray:
         """Raw FaceScore of each face crop (no detection). `prompts` is only read when the scorer was
         made with `prompt=None`; otherwise it may be None. -> (N,) float64"""
@@ -82,18 +82,10 @@ class FaceScoreScorer:
             if prompts is not None:
                 check_pairs(prompts, face_crops)
             texts = [self.prompt] * len(face_crops)
-        out = []
-        for start in range(0, len(face_crops), self.batch_size):
-            chunk = face_crops[start : start + self.batch_size]
-            text = self.tokenizer(
-                texts[start : start + self.batch_size], padding="max_length", truncation=True,
-                max_length=MAX_TEXT_LENGTH, return_tensors="pt",
-            )
-            pixels = torch.stack([preprocess_image(face, self.image_size) for face in chunk])
-            cls = self.model.blip.text_cls(
-                pixels.to(self.device, self.dtype), text.input_ids.to(self.device), text.attention_mask.to(self.device)
-            )
-            out.append(self.model.mlp(cls.float())[:, 0].double().cpu())
+        n = self.batch_size
+        # FaceScore's reward is the head's raw output: ImageReward's normalisation is not applied.
+        out = [self.imagereward.rewards(texts[i : i + n], face_crops[i : i + n], normalise=False).double().cpu()
+               for i in range(0, len(face_crops), n)]
         return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float64)
 
     def faces(self, image: Image.Image) -> tuple[list[Box], list[Image.Image]]:

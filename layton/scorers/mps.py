@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from layton.checkpoint_io import load_exact
 from layton.scorers import check_pairs
-from layton.scorers.restricted_unpickle import load_exact, read_module_tensors
+from layton.scorers.restricted_unpickle import read_module_tensors
 
 CONDITION = (
     "light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "

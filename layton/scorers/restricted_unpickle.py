@@ -230,25 +230,3 @@ def convert_mps_checkpoint(src: str | Path, dst: str | Path) -> Path:
     save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(dst), metadata={"source": src.name})
     return dst
 
-
-def load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
-    """`module.load_state_dict(strict=True, assign=True)` with an error that names the file.
-
-    `assign=True` lets callers build the module on the meta device (no random init of a
-    billion parameters) and take the checkpoint's tensors as they are.
-    """
-    expected = set(module.state_dict().keys())
-    found = set(tensors)
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: checkpoint keys do not match the model: "
-            f"{len(missing)} missing (e.g. {missing[:5]}), {len(unexpected)} unexpected (e.g. {unexpected[:5]})"
-        )
-    own = module.state_dict()
-    for name, tensor in tensors.items():
-        if tuple(own[name].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}"
-            )
-    module.load_state_dict(tensors, strict=True, assign=True)

@@ -7,29 +7,29 @@ result with the same loaders that load real weights.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
+
+from layton.completion import fingerprint, is_complete, mark_complete
+from layton.zoo.facescore import write_tiny_facescore
+from layton.zoo.flan_t5 import write_tiny_flan_t5
+from layton.zoo.flux import write_tiny_flux
+from layton.zoo.imagereward import write_tiny_imagereward
+from layton.zoo.inception import write_tiny_inception
+from layton.zoo.llamagen_gpt import write_tiny_llamagen_gpt
+from layton.zoo.llamagen_vq import TINY as TINY_VQ
+from layton.zoo.llamagen_vq import write_tiny_llamagen_vq
+from layton.zoo.lpips_backbone import write_tiny_lpips_backbone
+from layton.zoo.mask2former import write_tiny_mask2former
+from layton.zoo.mps import write_tiny_mps
+from layton.zoo.open_clip_models import write_tiny_hpsv2, write_tiny_open_clip
+from layton.zoo.qwen2vl import write_tiny_qwen2vl
+from layton.zoo.sdxl import build_tiny_sdxl, write_tiny_consistency_loras, write_tiny_sdxl
 
 ZOO_VERSION = 4  # raised whenever a model is added or changed
 
 
 def write_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Every tiny model, each in its own sub-directory. Returns the paths a config names."""
-    from layton.zoo.facescore import write_tiny_facescore
-    from layton.zoo.flan_t5 import write_tiny_flan_t5
-    from layton.zoo.flux import write_tiny_flux
-    from layton.zoo.imagereward import write_tiny_imagereward
-    from layton.zoo.inception import write_tiny_inception
-    from layton.zoo.llamagen_gpt import write_tiny_llamagen_gpt
-    from layton.zoo.llamagen_vq import TINY as TINY_VQ
-    from layton.zoo.llamagen_vq import write_tiny_llamagen_vq
-    from layton.zoo.lpips_backbone import write_tiny_lpips_backbone
-    from layton.zoo.mask2former import write_tiny_mask2former
-    from layton.zoo.mps import write_tiny_mps
-    from layton.zoo.open_clip_models import write_tiny_hpsv2, write_tiny_open_clip
-    from layton.zoo.qwen2vl import write_tiny_qwen2vl
-    from layton.zoo.sdxl import build_tiny_sdxl, write_tiny_consistency_loras, write_tiny_sdxl
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {"flux": write_tiny_flux(out / "flux", seed=seed)}
@@ -53,13 +53,10 @@ def write_tiny_zoo(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     paths["hpsv2"] = write_tiny_hpsv2(out / "hpsv2", seed=seed)
     paths |= {f"facescore_{k}": v for k, v in write_tiny_facescore(out / "facescore", seed=seed).items()}
     paths["inception"] = write_tiny_inception(out / "inception", seed=seed)
-    (out / "ZOO_COMPLETE").write_text(json.dumps({"version": ZOO_VERSION, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    mark_complete(out, fingerprint({"version": ZOO_VERSION}), version=ZOO_VERSION)
     return paths
 
 
 def zoo_complete(out_dir: str | Path) -> bool:
     """A whole zoo of this version (an older zoo lacks the models added since)."""
-    try:
-        return json.loads((Path(out_dir) / "ZOO_COMPLETE").read_text()).get("version") == ZOO_VERSION
-    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-        return False
+    return Path(out_dir).is_dir() and is_complete(out_dir, fingerprint({"version": ZOO_VERSION})) is not None

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from layton.gpt import load_llamagen_gpt
+
 TINY = dict(n_layer=2, n_head=2, dim=128)
 RELEASE_NAME = "t2i_tiny_stage1_256.pt"
 CLS_TOKEN_NUM = 120
@@ -72,8 +74,6 @@ def tiny_llamagen_gpt_state_dict(caption_dim: int, vocab_size: int, seed: int = 
 
 def write_tiny_llamagen_gpt(out_dir: str | Path, caption_dim: int, vocab_size: int, seed: int = 0) -> dict[str, Path]:
     """The release `.pt` and the same weights as a project GPT directory. Returns both paths."""
-    from layton.gpt import load_llamagen_gpt
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     release = out / RELEASE_NAME

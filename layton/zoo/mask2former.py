@@ -27,7 +27,7 @@ query count is cut to 20 because the post-processing loops over every query at t
 with 100 queries it alone takes longer than the network. One detect on a 256 x 256 image takes
 well under a second on one CPU core.
 
-The labels are transformers' COCO instance names (`coco-detection-mmdet-id2label.json`, mmdet's
+The labels are transformers' COCO instance names (`layton.geneval.COCO_INSTANCE_LABELS`, mmdet's
 names: "mouse", "remote", "keyboard", ...); `layton.detection` maps them to GenEval's class names.
 """
 
@@ -37,20 +37,7 @@ from pathlib import Path
 
 import torch
 
-# huggingface/label-files coco-detection-mmdet-id2label.json, the id2label of the transformers
-# Mask2Former COCO instance checkpoints (their conversion script picks it for 80 classes).
-COCO_INSTANCE_LABELS = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
+from layton.geneval import COCO_INSTANCE_LABELS
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=7, hidden=32, num_queries=20)
 IMAGE_SIZE = 384  # the release processor's fixed input size

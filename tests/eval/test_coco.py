@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from layton.coco import markdown_table, match_images, read_captions, read_coco_captions, summarize
-from layton.config import CocoEvalConfig, ConfigError, load_config
+from layton.config import ConfigError, load_config
 from layton.model_files import ModelFileError
+from pipelines.coco import match_images, result_table, read_captions, read_coco_captions, summarize
+from stages.eval_coco.config import CocoEvalConfig
 from tests.tokenizer.conftest import photo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,9 +83,9 @@ def test_means_do_not_depend_on_row_order():
         random.Random(seed).shuffle(rows)
         assert summarize(rows, ["imagereward", "facescore"]) == s
     assert summarize([{"facescore": None}], ["facescore"]) == {"facescore": {"mean": None, "n": 0}}
-    table = markdown_table({"imagereward": {"mean": 0.5, "n": 4}, "facescore": {"mean": None, "n": 0}}, "m", 4)
-    assert table.splitlines()[:3] == ["| Method | ImageReward ↑ | FaceScore ↑ | images |", "|---|---|---|---|",
-                                      "| m | 0.5000 | n/a | 4 |"]
+    table = result_table({"imagereward": {"mean": 0.5, "n": 4}, "facescore": {"mean": None, "n": 0}}, "m", 4).to_markdown()
+    assert table.splitlines()[2:5] == ["| Method | ImageReward ↑ | FaceScore ↑ | images |", "|---|---|---|---|",
+                                       "| m | 0.5000 | – | 4 |"]
     assert "FaceScore over 0 image(s)." in table
 
 
@@ -170,6 +171,6 @@ def test_bad_config_fails_before_ray(tiny_zoo, tmp_path):
         load_config(tmp_path / "empty.yaml", CocoEvalConfig)
     for path in ("workflows/coco.yaml", "workflows/eval_coco_demo.yaml"):  # the bundled configs validate
         load_config(ROOT / path, CocoEvalConfig)
-    r = subprocess.run([sys.executable, "-m", "layton.cli", "eval", "coco", str(tmp_path / "empty.yaml")],
+    r = subprocess.run([sys.executable, "-m", "app.cli", "eval", "coco", str(tmp_path / "empty.yaml")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "empty.yaml: scorers" in r.stderr and "Ray" not in r.stderr

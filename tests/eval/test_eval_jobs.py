@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from layton.config import GenEvalRunConfig, ReconEvalConfig
+from stages.eval_geneval.config import GenEvalRunConfig
+
 from layton.model_files import ModelFileError
+from stages.eval_recon.config import ReconEvalConfig
 from tests.tokenizer.conftest import PHOTOS, photo
 
 
@@ -58,7 +60,7 @@ def test_recon_bad_paths_fail_before_ray(tiny_zoo, tmp_path, field, what):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # two rFIDs at d = 2048 (scipy's sqrtm, ~30 s each on 2 cores)
+@pytest.mark.slow  # two recon runs with rFIDs at d = 2048 (~40 s on 2 cores)
 def test_recon_metrics_are_the_same_for_one_and_two_actors(tiny_zoo, ray_local, tmp_path):
     from workflows.eval_recon import run_recon_eval
 
@@ -81,7 +83,7 @@ def test_geneval_scores_a_folder_made_elsewhere(tiny_zoo, ray_local, tmp_path):
     metadata = ROOT / "workflows" / "data" / "geneval_demo.jsonl"
     images = tmp_path / "images"
     for p, name in zip(read_metadata(metadata), PHOTOS):
-        write_sample_dir(images, p, [Image.fromarray(photo(name)).convert("RGB").resize((96, 96))] * 2)
+        write_sample_dir(images, p, [Image.fromarray(photo(name)).convert("RGB").resize((96, 96))] * 2, "f" * 16)
     config = GenEvalRunConfig.model_validate({
         "metadata": str(metadata), "images": str(images), "detector": str(tiny_zoo / "mask2former"),
         "clip": str(tiny_zoo / "clip-vit-l-14"), "output": str(tmp_path / "out"), "ray": {"dashboard": False}})

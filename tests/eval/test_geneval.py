@@ -26,11 +26,11 @@ from layton.geneval import (
     colour_templates,
     compute_iou,
     evaluate,
-    markdown_table,
     read_metadata,
     read_sample_dirs,
     relative_position,
     result_row,
+    result_table,
     select_objects,
     summarize,
     write_sample_dir,
@@ -138,7 +138,7 @@ def test_sample_dir_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)) for _ in range(3)]
     for p in (prompts[4], prompts[0]):
-        written = write_sample_dir(out, p, images)
+        written = write_sample_dir(out, p, images, "f" * 16)
         assert written == out / f"{p.index:05d}"
     assert sorted(x.name for x in out.iterdir()) == ["00000", "00004"]  # no temporary folder left
     assert sorted(x.name for x in (out / "00004" / "samples").iterdir()) == ["0000.png", "0001.png", "0002.png"]
@@ -155,7 +155,7 @@ def test_sample_dir_round_trip(tmp_path):
     assert np.array_equal(np.asarray(Image.open(found[1][1][2])), np.asarray(images[2]))
 
     # rewriting a prompt replaces its folder whole
-    write_sample_dir(out, prompts[4], images[:1])
+    write_sample_dir(out, prompts[4], images[:1], "f" * 16)
     assert [p.name for p in read_sample_dirs(out)[1][1]] == ["0000.png"]
 
     (out / "00007").mkdir()
@@ -360,13 +360,13 @@ def test_summarize_means_images_per_task_then_tasks():
 def test_markdown_table_in_the_papers_layout():
     results = (_results("single_object", 99, 1) + _results("two_object", 3, 1) + _results("counting", 1, 2)
                + _results("colors", 4, 1) + _results("position", 1, 9) + _results("color_attr", 1, 1))
-    table = markdown_table(summarize(results), "LaytonGen")
+    table = result_table(summarize(results), "LaytonGen").to_markdown()
     assert table == (
         "| Method | Single Obj. | Two Obj. | Counting | Colors | Position | Color Attri. | Overall |\n"
-        "| --- | :---: | :---: | :---: | :---: | :---: | :---: | :---: |\n"
+        "|---|---|---|---|---|---|---|---|\n"
         "| LaytonGen | 0.99 | 0.75 | 0.33 | 0.80 | 0.10 | 0.50 | 0.58 |\n"
     )
-    partial = markdown_table(summarize(_results("single_object", 1, 0)), "tiny")
+    partial = result_table(summarize(_results("single_object", 1, 0)), "tiny").to_markdown()
     assert partial.splitlines()[2] == "| tiny | 1.00 | – | – | – | – | – | 1.00 |"
 
 
@@ -383,7 +383,7 @@ def detector(tmp_path_factory, one_torch_thread):
 
 
 def test_tiny_mask2former_release_layout(detector):
-    from layton.zoo.mask2former import COCO_INSTANCE_LABELS
+    from layton.geneval import COCO_INSTANCE_LABELS
 
     assert sorted(p.name for p in detector.path.iterdir()) == ["config.json", "model.safetensors",
                                                               "preprocessor_config.json"]

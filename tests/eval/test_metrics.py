@@ -1,4 +1,4 @@
-"""rFID / PSNR / SSIM / LPIPS-mean metrics: pytorch-fid and scikit-image parity, mergeable state."""
+"""rFID / PSNR / SSIM / LPIPS-mean metrics: pytorch-fid parity, independent references, mergeable state."""
 
 from __future__ import annotations
 
@@ -65,21 +65,75 @@ def test_fid_of_exact_moments_equals_closed_form(d):
         assert expected == pytest.approx((mu1[0] - mu2[0]) ** 2 + (np.sqrt(s1[0, 0]) - np.sqrt(s2[0, 0])) ** 2)
 
 
-def test_frechet_distance_is_pytorch_fids():
+def inception_like(rng, n: int, d: int, shift: float = 0.0) -> np.ndarray:
+    """(n, d) features shaped like Inception pool3's: non-negative, mean ~0.3, correlated through a
+    decaying low-rank mixing plus noise (FIDs between two such sets: tens to hundreds)."""
+    k = min(256, d)
+    mix = rng.standard_normal((k, d)) / np.sqrt(k)
+    return np.maximum((rng.standard_normal((n, k)) * np.linspace(1, 0.05, k)) @ mix * 0.5 + 0.2 + shift
+                      + 0.1 * rng.standard_normal((n, d)), 0)
+
+
+def fid_from_features(x: np.ndarray, y: np.ndarray) -> float:
+    """The exact FID of two feature sets without any d×d matrix: with centred Xc, Yc,
+    tr √(Σ1Σ2) = ‖Xc Ycᵀ‖_* / √((n1−1)(n2−1)) (the eigenvalues of Σ1Σ2 are the squared singular values
+    of that n1×n2 matrix), and singular values at 0 stay at rounding level instead of their square roots."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    n1, n2 = len(x), len(y)
+    tr = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    diff = x.mean(0) - y.mean(0)
+    return float(diff @ diff + (xc * xc).sum() / (n1 - 1) + (yc * yc).sum() / (n2 - 1) - 2 * tr)
+
+
+def pytorch_fid(x: np.ndarray, y: np.ndarray) -> float:
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    rng = np.random.default_rng(0)
-    d = 32
-    full = (rng.normal(size=d), random_cov(rng, d), rng.normal(size=d), random_cov(rng, d))
-    x, y = rng.normal(size=(10, d)), rng.normal(size=(12, d)) * 2  # rank-deficient covariances (n < d)
-    singular = (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
-    for args in (full, singular):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # sqrtm's disp deprecation (theirs), the eps warning (ours)
-            ours = frechet_distance(*args)
-            theirs = calculate_frechet_distance(*args)
-        assert np.isfinite(ours)
-        assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sqrtm's disp deprecation, singular-matrix LinAlgWarning
+        return float(calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)))
+
+
+def ours(x: np.ndarray, y: np.ndarray) -> float:
+    return frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+
+
+def check_against_pytorch_fid(d: int, n1: int, n2: int, shift: float) -> None:
+    rng = np.random.default_rng(d + n1)
+    x, y = inception_like(rng, n1, d), inception_like(rng, n2, d, shift=shift)
+    value, theirs, exact = ours(x, y), pytorch_fid(x, y), fid_from_features(x, y)
+    assert value == pytest.approx(exact, rel=0, abs=1e-6)
+    if min(n1, n2) > d:  # full rank
+        assert value == pytest.approx(theirs, rel=0, abs=1e-6)
+    else:
+        # singular Σ: pytorch-fid's sqrtm turns the ~d−n zero eigenvalues of Σ1Σ2 into rounding noise whose
+        # square roots add up (measured 2e-6 at d = 256, n = 6; 7e-6 and 6e-5 for the 2048-d cases)
+        assert value == pytest.approx(theirs, rel=0, abs=1e-3)
+    assert ours(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert pytorch_fid(x, x) == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("d,n1,n2", [(2, 20, 30), (8, 40, 30), (64, 300, 200), (256, 600, 520),  # full rank
+                                     (64, 10, 12), (256, 6, 6)])  # n < d: singular covariances
+def test_frechet_distance_is_pytorch_fids(d, n1, n2):
+    check_against_pytorch_fid(d, n1, n2, shift=0.03)
+
+
+@pytest.mark.slow  # six scipy sqrtm at d = 2048: ~10-20 s each on 2 cores
+@pytest.mark.parametrize("n1,n2", [(4200, 5000),  # N ≥ 2d: full rank
+                                   (1000, 1500),  # N < d: singular covariances
+                                   (6, 6)])  # the tiny zoo's recon eval: 6 images, d = 2048
+def test_frechet_distance_is_pytorch_fids_at_2048(n1, n2):
+    check_against_pytorch_fid(2048, n1, n2, shift=0.02)
+
+
+def test_frechet_distance_rejects_bad_statistics():
+    mu, cov = np.zeros(4), np.eye(4)
+    assert frechet_distance(mu, cov, mu + 1, np.zeros((4, 4))) == pytest.approx(8.0)  # Σ2 = 0: ‖Δμ‖² + tr Σ1
+    assert frechet_distance(mu, np.zeros((4, 4)), mu, cov) == pytest.approx(4.0)  # Σ1 = 0
+    with pytest.raises(ValueError):
+        frechet_distance(mu, cov, np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError):
+        frechet_distance(mu, cov, mu, np.full((4, 4), np.nan))
 
 
 # --- FeatureStats ---------------------------------------------------------------------------------------
@@ -128,23 +182,50 @@ def jpeg(a: np.ndarray, quality: int) -> np.ndarray:
     return np.array(Image.open(buf).convert(Image.fromarray(a).mode))
 
 
-def test_psnr_ssim_equal_scikit_image():
+def psnr_reference(a: np.ndarray, b: np.ndarray) -> float:
+    d = a.astype(np.int64) - b.astype(np.int64)
+    return 10 * np.log10(255**2 / np.mean(d * d))
+
+
+def ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """Wang et al.'s SSIM as skimage defines it by default: 7×7 uniform windows wholly inside the image,
+    sample (co)variances (×49/48), C1 = (0.01·255)², C2 = (0.03·255)², mean over windows and channels.
+    Window sums from integral images (exact in float64 for uint8 inputs)."""
+    a, b = (np.atleast_3d(v).astype(np.float64) for v in (a, b))
+
+    def window_mean(z):
+        c = np.pad(z.cumsum(0).cumsum(1), ((1, 0), (1, 0), (0, 0)))
+        return (c[7:, 7:] - c[:-7, 7:] - c[7:, :-7] + c[:-7, :-7]) / 49
+
+    ux, uy = window_mean(a), window_mean(b)
+    vx, vy = (window_mean(a * a) - ux * ux) * 49 / 48, (window_mean(b * b) - uy * uy) * 49 / 48
+    vxy = (window_mean(a * b) - ux * uy) * 49 / 48
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return float(np.mean([s[..., ch].mean() for ch in range(s.shape[-1])]))
+
+
+def test_psnr_ssim_match_an_independent_reference():
     from skimage import data
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     astronaut, camera = data.astronaut(), data.camera()
     rng = np.random.default_rng(0)
     noised = np.clip(astronaut + rng.normal(0, 12, astronaut.shape), 0, 255).astype(np.uint8)
-    pairs = [(astronaut, jpeg(astronaut, 20)), (astronaut, noised), (astronaut[:300, 40:200], noised[:300, 40:200])]
+    pairs = [(astronaut, jpeg(astronaut, 20)), (astronaut, noised), (astronaut[:300, 40:200], noised[:300, 40:200]),
+             (camera, jpeg(camera, 10))]  # the last one grey (H, W)
     for a, b in pairs:
-        assert psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255), abs=1e-6)
-        assert ssim(a, b) == pytest.approx(structural_similarity(a, b, channel_axis=-1, data_range=255), abs=1e-6)
-    g = jpeg(camera, 10)  # grey (H, W)
-    assert ssim(camera, g) == pytest.approx(structural_similarity(camera, g, data_range=255), abs=1e-6)
+        assert psnr(a, b) == pytest.approx(psnr_reference(a, b), rel=0, abs=1e-9)
+        assert ssim(a, b) == pytest.approx(ssim_reference(a, b), rel=0, abs=1e-9)
+        assert ssim(a, b) == ssim(b, a) and psnr(a, b) == psnr(b, a)
+    assert ssim(astronaut, jpeg(astronaut, 5)) < ssim(astronaut, jpeg(astronaut, 50)) < 1
     assert psnr(astronaut, astronaut) == float("inf")
     assert ssim(astronaut, astronaut) == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError):
         ssim(astronaut.astype(np.float32), astronaut.astype(np.float32))
+    with pytest.raises(ValueError):
+        psnr(astronaut, astronaut[:-1])
+    with pytest.raises(ValueError):
+        ssim(astronaut[:6, :6], astronaut[:6, :6])  # smaller than one 7×7 window
 
 
 # --- ReconMetricState -----------------------------------------------------------------------------------------

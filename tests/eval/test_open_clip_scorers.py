@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from layton.geneval import GENEVAL_COLORS, colour_crop
 from layton.model_files import ModelFileError
 from layton.open_clip_io import load_open_clip
-from layton.geneval import GENEVAL_COLORS, colour_crop
 from layton.scorers.clip_colour import ClipColourClassifier
 from layton.scorers.hpsv2 import HPSv2Scorer
 from layton.zoo.open_clip_models import (

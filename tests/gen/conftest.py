@@ -14,17 +14,17 @@ from tests.tokenizer.conftest import photo_shards, tokenizer_config_dict  # noqa
 
 @pytest.fixture(scope="session")
 def gen_inputs(tiny_zoo, photo_shards, ray_local, tmp_path_factory) -> dict:
-    from layton.config import TokenizerTrainConfig
+    from stages.tokenizer.config import TokenizerTrainConfig
     from layton.tokenizer import LaytonTokenizer
-    from pipelines.tokenizer_data import precompute, precompute_dir
+    from pipelines.tokenizer_data import precompute
 
     root = tmp_path_factory.mktemp("gen_inputs")
     config = TokenizerTrainConfig.model_validate(tokenizer_config_dict(
         tiny_zoo, photo_shards, root / "train", model__encoder_sizes=[256], stage1__resolution_schedule=[[0, 64]],
-        stage2__resolution_schedule=[[0, 64]])).with_absolute_paths()
+        stage2__resolution_schedule=[[0, 64]]))
     precompute(config)
     tokenizer = LaytonTokenizer.build(config.model).save_pretrained(root / "tokenizer", stage=1)
-    return {"tokens": precompute_dir(config), "tokenizer": Path(tokenizer), "zoo": tiny_zoo, "root": root}
+    return {"tokens": config.precompute_path(), "tokenizer": Path(tokenizer), "zoo": tiny_zoo, "root": root}
 
 
 def gen_config_dict(inputs: dict, storage: Path, **overrides) -> dict:

@@ -1,8 +1,10 @@
-"""LaytonGen on Ray Train: the text pass, resume after SIGKILL, bad input before any Ray work."""
+"""LaytonGen on Ray Train: the text pass, resume after SIGKILL (also with no step left), bad input
+before any Ray work."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from layton.config import GenTrainConfig
+from layton.completion import fingerprint, mark_complete
 from layton.model_files import ModelFileError
+from stages.laytongen.config import GenTrainConfig
 from tests.conftest import ROOT, cli, kill_after_first_checkpoint
 from tests.gen.conftest import gen_config_dict
 
@@ -64,6 +67,16 @@ def test_killed_run_resumes_and_exports_a_pipeline(gen_inputs, tmp_path):
     again = cli("train", "gen", path)  # a complete run is not run again
     assert "already complete at step 12" in again.communicate(timeout=300)[0]
 
+    # Killed after the last checkpoint but before its export: the rerun restores a checkpoint with no
+    # step left, trains nothing and exports that checkpoint.
+    shutil.rmtree(export)
+    redo = cli("train", "gen", path)
+    log = redo.communicate(timeout=600)[0]
+    assert redo.returncode == 0, log
+    assert "laytongen: step 12" in log
+    assert json.loads((export / "trainer_state.json").read_text())["step"] == 12
+    assert _history(job) == history  # no step ran, nothing was logged
+
 
 def _tokens_pass(out: Path, vq: str, rows: list[tuple[str, str, str]]) -> Path:
     """A tokenizer precompute pass written by hand: (key, caption, error) rows with random tokens."""
@@ -74,26 +87,26 @@ def _tokens_pass(out: Path, vq: str, rows: list[tuple[str, str, str]]) -> Path:
                       "error": [r[2] for r in rows]})
     pq.write_table(table, out / "part-0.parquet")
     settings = {"vq": vq, "encoder_sizes": [256], "version": 2}
-    (out / "_precompute.json").write_text(json.dumps({"settings": settings}))
+    mark_complete(out, fingerprint(settings), settings=settings)
     return out
 
 
 def test_text_pass_skips_empty_captions_and_truncates_long_ones(gen_inputs, ray_local, tmp_path):
     from pipelines.gen_data import read_text_pass, text_precompute
 
-    vq = json.loads((gen_inputs["tokenizer"] / "tokenizer_config.json").read_text())["vq"]
+    vq = json.loads((gen_inputs["tokenizer"] / "model_index.json").read_text())["vq"]
     tokens = _tokens_pass(tmp_path / "tokens", vq, [
         ("short", "a red car", ""), ("empty", "   ", ""), ("long", "word " * 300, ""),
         ("broken", "an unreadable image", "unreadable image: OSError")])
     config = GenTrainConfig.model_validate(gen_config_dict(gen_inputs, tmp_path / "runs", data__tokens=str(tokens)))
-    marker = text_precompute(config.with_absolute_paths())
+    marker = text_precompute(config)
     assert (marker["images"], marker["usable"]) == (4, 2)
     assert marker["skipped_by_reason"] == {"empty caption": 1, "unreadable image: OSError": 1}
-    rows = {r["key"]: r for r in read_text_pass(config.with_absolute_paths()).take_all()}
+    rows = {r["key"]: r for r in read_text_pass(config).take_all()}
     assert rows["long"]["truncated"] and rows["long"]["text_len"] == 120
     assert not rows["short"]["truncated"] and rows["short"]["text_len"] == 4  # a, red, car, </s>
     assert len(rows["short"]["text"]) == 4 * 64 * 2  # float16 (4, 64): only the valid tokens are stored
-    assert text_precompute(config.with_absolute_paths()) == marker  # complete with the same settings: reused
+    assert text_precompute(config) == marker  # complete with the same settings: reused
 
 
 @pytest.mark.parametrize("field,value,error,match", [

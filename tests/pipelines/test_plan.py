@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from layton.config import PromptsConfig
 from pipelines.plan import ShardPlan, make_plan
 from pipelines.prompts import InputFile, shard_prompts
+from stages.synth.config import PromptsConfig
 from tests.conftest import write_prompts
 
 

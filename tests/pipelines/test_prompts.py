@@ -1,11 +1,11 @@
 import pyarrow as pa
 import pytest
 
-from layton.config import PromptsConfig
 from layton.storage import Root
 from pipelines.dedup import run_dedup, shard_duplicates
 from pipelines.plan import make_plan
 from pipelines.prompts import list_inputs, key_for, prompt_id, prompt_seed, reject_reason, shard_prompts
+from stages.synth.config import PromptsConfig
 from tests.conftest import write_prompts
 
 

@@ -188,7 +188,7 @@ def test_only_accepted_samples_reach_the_engine_and_shards_are_reassembled(tmp_p
         done = vllm_postprocess_row({**pre, "generated_text": f"caption {r['index']}",
                                      "__inference_error__": "ValueError: bad" if r["index"] == 2 else ""})
         engine_out.append({k: v for k, v in done.items()})
-    assembler = ShardAssembler(str(tmp_path), {"generator": None}, "jpg")
+    assembler = ShardAssembler(str(tmp_path), {"generator": None}, "jpg", "f" * 16)
     written = []
     for r in [engine_out[3], engine_out[1], engine_out[2], engine_out[0]]:  # shard 1 completes first
         written += list(assembler(pack([r]))["stats"])

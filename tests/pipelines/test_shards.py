@@ -13,7 +13,7 @@ def _sample(key, status="accepted", reason=""):
 
 
 def _write_shard(out, shard, keys_status):
-    w = ShardWriter(out, shard, len(keys_status), {"generator": {"model": "m"}})
+    w = ShardWriter(out, shard, len(keys_status), {"generator": {"model": "m"}}, "f" * 16)
     for key, status, reason in keys_status:
         w.add(_sample(key, status, reason), b"\xff\xd8fakejpeg" if status == "accepted" else b"", "jpg")
     assert w.done

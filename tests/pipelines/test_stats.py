@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from layton.cli import main
+from app.cli import main
 from pipelines.shards import ShardWriter
 from pipelines.stats import shard_summary
 
@@ -18,7 +18,7 @@ def test_stats_summary_and_cli(tmp_path, capsys):
     ir, mps = rng.normal(0.8, 1, 40), rng.normal(12, 2, 40)
     (tmp_path / "manifest.json").write_text(json.dumps({"thresholds": {"imagereward": 0.8, "mps": 12.0}}))
     for shard in (0, 1):
-        w = ShardWriter(tmp_path, shard, 20, {})
+        w = ShardWriter(tmp_path, shard, 20, {}, "f" * 16)
         for i in range(shard * 20, shard * 20 + 20):
             s = _sample(i, float(ir[i]), float(mps[i]))
             w.add(s, b"img", "jpg")

@@ -17,8 +17,8 @@ import pytest
 import webdataset as wds
 import yaml
 
-from layton.config import SynthConfig
-from pipelines.shards import complete_shards, read_index
+from pipelines.shards import read_index
+from stages.synth.config import SynthConfig
 from tests.conftest import ROOT, scrape, synth_config_dict, write_prompts
 
 PROMPTS = [f"a photo of a {c} {o}" for c in ("red", "green", "blue", "black", "white", "golden") for o in ("cat", "car", "house", "tree", "boat")]
@@ -45,7 +45,7 @@ def _config_file(tmp_path: Path, zoo: Path, name: str, prompts: Path, **override
 
 
 def _cli(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "layton.cli", *map(str, args)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
@@ -137,13 +137,14 @@ def test_synth_output(reference_run, ray_local):
 
 
 def _shard_files(out: Path) -> dict[str, bytes]:
-    """Every shard file's bytes; a completion record without its `writer` (who wrote it, when)."""
+    """Every shard file's bytes; a completion record without who wrote it and when."""
     files = {}
     for p in sorted(out.glob("[0-9]*")):
         data = p.read_bytes()
         if p.name.endswith("_stats.json"):
             stats = json.loads(data)
             stats.pop("writer")
+            stats.pop("completed_at")
             data = json.dumps(stats, sort_keys=True).encode()
         files[p.name] = data
     return files

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from layton.config import SynthConfig
 from pipelines.shards import read_index
+from stages.synth.config import SynthConfig
 from tests.conftest import ROOT, synth_config_dict
 
 pytestmark = pytest.mark.slow

@@ -1,16 +1,18 @@
 """ImageReward scorer: parity with an independent restatement of the official computation.
 
 The `image-reward` package does not import with transformers 5, so the official `ImageReward.score`
-is restated below from its source with plain tensor ops on the raw state dict (no project module
-is used): torchvision preprocessing as upstream composes it, BLIP's timm ViT, BLIP's med BERT
-(with transformers' BertModel this is not possible: it only cross-attends when `is_decoder=True`,
-which also makes self-attention causal), the MLP head and the fixed normalisation. The one
-assumption shared with the scorer is the ViT head count (64-wide heads), because upstream
-hard-codes ViT-L and a tiny checkpoint cannot carry that number.
+is restated below from its source with plain tensor ops on the raw state dict: torchvision
+preprocessing as upstream composes it, BLIP's ViT, BLIP's med BERT (bidirectional self-attention,
+then cross-attention to every image token, additive -10000 masks), the MLP head and the fixed
+normalisation. It uses neither a project module nor the timm / transformers classes the scorer is
+built from, so a mis-configured library model (causal self-attention, pooled image tokens, tanh
+GELU, ...) shows up as a score difference. The one assumption shared with the scorer is the ViT head
+count (64-wide heads), because upstream hard-codes ViT-L and a tiny checkpoint cannot carry that number.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from layton.scorers.imagereward import ImageRewardScorer
+from layton.scorers.imagereward import POSITION_IDS, ImageRewardScorer
 from layton.zoo.imagereward import write_tiny_imagereward
 
 PROMPTS = [
@@ -132,8 +134,6 @@ def _med_bert(sd, cfg, input_ids, attention_mask, image_embeds, image_atts):
 
 
 def official_score(release, prompt, image):
-    import json
-
     sd = torch.load(release["checkpoint"], map_location="cpu", weights_only=True)
     cfg = json.loads(release["med_config"].read_text())
     tok = _official_tokenizer(release["tokenizer"])
@@ -214,3 +214,24 @@ def test_bad_keys_name_the_file(tmp_path, release, change):
     torch.save(sd, bad)
     with pytest.raises(ValueError, match="broken_ImageReward.pt"):
         ImageRewardScorer.from_release(bad, release["med_config"], release["tokenizer"])
+
+
+def test_position_ids_buffer_is_checked_not_needed(tmp_path, release, scorer, images):
+    sd = torch.load(release["checkpoint"], weights_only=True)
+    assert torch.equal(sd[POSITION_IDS], torch.arange(sd[POSITION_IDS].shape[1])[None])  # upstream's saved buffer
+    del sd[POSITION_IDS]  # a release saved without the buffer scores the same
+    torch.save(sd, tmp_path / "no_ids.pt")
+    plain = ImageRewardScorer.from_release(tmp_path / "no_ids.pt", release["med_config"], release["tokenizer"])
+    np.testing.assert_array_equal(plain.score(PROMPTS[:2], images[:2]), scorer.score(PROMPTS[:2], images[:2]))
+    sd[POSITION_IDS] = torch.arange(64).flip(0)[None]  # the text encoder would not use these positions
+    torch.save(sd, tmp_path / "flipped_ImageReward.pt")
+    with pytest.raises(ValueError, match="flipped_ImageReward.pt"):
+        ImageRewardScorer.from_release(tmp_path / "flipped_ImageReward.pt", release["med_config"], release["tokenizer"])
+
+
+def test_med_config_without_cross_attention_is_refused(tmp_path, release):
+    cfg = json.loads(release["med_config"].read_text())
+    cfg["add_cross_attention"] = False
+    (tmp_path / "med_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="add_cross_attention"):
+        ImageRewardScorer.from_release(release["checkpoint"], tmp_path / "med_config.json", release["tokenizer"])

@@ -1,4 +1,4 @@
-"""Training state round trip through safetensors + JSON."""
+"""Training state round trip through safetensors + JSON; a tokenizer checkpoint's trained weights on resume."""
 
 from __future__ import annotations
 
@@ -42,3 +42,25 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
     _, opt, sched = _trained(0)
     with pytest.raises(FileNotFoundError, match="incomplete"):
         load_training_state(tmp_path, opt, sched)
+
+
+def test_tokenizer_checkpoint_resumes_into_the_training_modules(tiny_zoo, tmp_path):
+    """`LaytonTokenizer.load_trained(dir)` (the resume path of tokenizer training) puts a checkpoint's
+    trained weights into the modules the optimizer already holds."""
+    from stages.tokenizer.config import TokenizerModelConfig
+    from layton.tokenizer import LaytonTokenizer
+
+    cfg = TokenizerModelConfig(vq=str(tiny_zoo / "llamagen_vq" / "vq_ds16_t2i.pt"), sdxl=str(tiny_zoo / "sdxl"), embedder_channels=[32])
+    trained = LaytonTokenizer.build(cfg)
+    with torch.no_grad():
+        for p in trained.ladd.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    checkpoint = trained.save_pretrained(tmp_path / "checkpoint", stage=1)
+    resumed = LaytonTokenizer.build(cfg)
+    opt = torch.optim.AdamW(resumed.ladd.trainable_parameters(), lr=1e-3)
+    resumed.load_trained(checkpoint)
+    got, want = resumed.ladd.trainable_state_dict(), trained.ladd.trainable_state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert all(a is b for a, b in zip([p for g in opt.param_groups for p in g["params"]], resumed.ladd.trainable_parameters()))
+    with pytest.raises(FileNotFoundError, match="not a Layton tokenizer directory"):
+        resumed.load_trained(tmp_path / "nowhere")

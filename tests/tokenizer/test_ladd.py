@@ -1,11 +1,11 @@
-"""LADD: the zero-conv invariant, the token embedder's grids, trainable/frozen split, samplers."""
+"""LADD: the zero-conv invariant, the token embedder's grids, trainable/frozen split, its saved parts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from layton.ladd import LADD, TokenConditionEmbedder
+from layton.ladd import LADD, LaddControlNet, TokenConditionEmbedder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,7 +51,7 @@ def test_controlnet_copies_the_unet_and_only_it_trains(unet):
     assert all(not p.requires_grad for p in ladd.unet.parameters())
     trainable = {id(p) for p in ladd.trainable_parameters()}
     assert trainable.isdisjoint({id(p) for p in ladd.unet.parameters()})
-    assert set(ladd.trainable_state_dict()) == {k for k in ladd.state_dict() if not k.startswith("unet.")}
+    assert set(ladd.trainable_state_dict()) == {k for k in ladd.state_dict() if not k.startswith(("unet.", "empty_prompt."))}
     # Gradients reach the trainable part (through the zero convs) and nothing frozen.
     z, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
     ladd.train()
@@ -76,3 +76,39 @@ def test_load_trainable_state_dict_refuses_mismatch(unet):
     state.pop(next(iter(state)))
     with pytest.raises(KeyError, match="missing"):
         ladd.load_trainable_state_dict(state)
+
+
+def test_saved_parts_are_diffusers_models_without_the_frozen_unet(unet, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    ladd = _ladd(unet)
+    with torch.no_grad():  # non-zero residuals, so that the saved weights matter for the output
+        ladd.controlnet.controlnet_mid_block.weight.normal_(0, 0.02)
+        ladd.cond_embedder.conv_out.weight.normal_(0, 0.02)
+    ladd.save_pretrained(tmp_path)
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == [f"{sub}/{name}" for sub in ("controlnet", "embedder", "empty_prompt")
+                     for name in ("config.json", "diffusion_pytorch_model.safetensors")]
+    assert json.loads((tmp_path / "controlnet" / "config.json").read_text())["_class_name"] == "LaddControlNet"
+    assert json.loads((tmp_path / "embedder" / "config.json").read_text())["channels"] == [32, 16]
+    stored = {f"controlnet.{k}" for k in load_file(tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors")}
+    stored |= {f"cond_embedder.{k}" for k in load_file(tmp_path / "embedder" / "diffusion_pytorch_model.safetensors")}
+    assert stored == set(ladd.trainable_state_dict())  # what training changes, and no UNet tensor
+
+    # diffusers' own loaders read each part; joined to the same UNet the output is bitwise the same.
+    assert isinstance(LaddControlNet.from_pretrained(tmp_path / "controlnet").controlnet_cond_embedding, torch.nn.Identity)
+    loaded = LADD.from_pretrained(tmp_path, unet)
+    assert loaded.unet is unet and not loaded.training
+    z, t, feats = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        ref = ladd(z, t, feats)
+        assert not torch.equal(ref, ladd.unet_forward(z, t))
+        assert torch.equal(loaded(z, t, feats), ref)
+        # Resume: the saved weights go into another LADD's modules in place.
+        fresh = _ladd(unet)
+        params = fresh.trainable_parameters()
+        fresh.load_trained(tmp_path)
+        assert all(a is b for a, b in zip(params, fresh.trainable_parameters()))
+        assert torch.equal(fresh.eval()(z, t, feats), ref)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from layton.config import TokenizerTrainConfig
+from stages.tokenizer.config import TokenizerTrainConfig
 from tests.tokenizer.conftest import PHOTOS, photo, tokenizer_config_dict
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from layton.config import TokenizerTrainConfig
 from layton.model_files import ModelFileError
+from stages.tokenizer.config import TokenizerTrainConfig
 from tests.conftest import cli, kill_after_first_checkpoint
 from tests.tokenizer.conftest import tokenizer_config_dict, write_photo_shards
 
@@ -32,7 +32,7 @@ def test_odd_images_are_converted_and_corrupt_ones_skipped_and_counted(tiny_zoo,
     from pipelines.tokenizer_data import precompute
 
     shards = write_photo_shards(tmp_path / "shards", odd=True)
-    config = _config(tiny_zoo, shards, tmp_path / "runs").with_absolute_paths()
+    config = _config(tiny_zoo, shards, tmp_path / "runs")
     marker = precompute(config)
     assert marker["images"] == 10 and marker["usable"] == 9 and marker["skipped"] == 1
     assert list(marker["skipped_by_reason"]) == ["unreadable image: OSError"]
@@ -51,13 +51,13 @@ def test_both_stages_train_and_export(tiny_zoo, ray_local, tmp_path):
     assert r1.metrics["skipped_images"] >= 1  # the corrupt JPEG, skipped in the worker and counted
     r2 = run_tokenizer_stage(config, 2)
     assert r2.step == 2
-    stage1 = Path(r1.tokenizer_dir).parent
+    stage1 = Path(r1.export).parent
     assert [h["step"] for h in _history(stage1)] == [3, 6]
     assert (stage1 / "grids" / "step_0000006.png").is_file() and list((stage1 / "tensorboard").iterdir())
     assert r1.precompute["skipped"] == 1
-    tok = LaytonTokenizer.from_pretrained(r2.tokenizer_dir)
+    tok = LaytonTokenizer.from_pretrained(r2.export)
     assert tok.spec["stage"] == 2 and tok.spec["consistency"]["kind"] == "hypersd"
-    assert not (Path(r2.tokenizer_dir) / "optimizer.safetensors").exists()  # exports hold no optimizer
+    assert not (Path(r2.export) / "optimizer.safetensors").exists()  # exports hold no optimizer
     again = run_tokenizer_stage(config, 2)  # a complete stage is not run again
     assert again.skipped and again.step == 2
 

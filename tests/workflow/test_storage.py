@@ -9,8 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from app.workflow import parse_workflow
 from layton.storage import SYNC_MARKER, pull, push, staging_dir
-from layton.workflow import parse_workflow
 from tests.conftest import ROOT
 
 
@@ -35,7 +35,7 @@ def test_push_pull_copies_new_and_changed_files(tmp_path, scheme):
 def test_workflow_on_a_uri_root_resumes_from_another_staging_dir(tiny_zoo, ray_local, tmp_path, monkeypatch):
     """A COCO-scoring workflow whose root is a file:// URI: outputs land there; a second run with an
     empty staging directory (another machine) pulls them and finds the stage complete."""
-    from workflows.run_workflow import run_workflow
+    from app.runner import run_workflow
 
     images = tmp_path / "images"
     images.mkdir()

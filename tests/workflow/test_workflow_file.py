@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.workflow import check_links, load_workflow, parse_workflow
 from layton.config import ConfigError
-from layton.workflow import STAGE_NAMES, check_links, load_workflow, parse_workflow
+from stages.registry import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +29,7 @@ def _parse(raw: dict, source: str = "wf.yaml"):
 
 def test_bundled_workflows_validate_with_linked_paths(tmp_path):
     demo = load_workflow(ROOT / "workflows/demo.yaml")
-    assert demo.stages() == STAGE_NAMES
+    assert demo.stage_names() == [s.name for s in STAGES]
     paper = load_workflow(ROOT / "workflows/paper.yaml")
     assert paper.configs["tokenizer"].stage2.resolution_schedule[-1][1] == 1024
 
@@ -40,7 +41,7 @@ def test_bundled_workflows_validate_with_linked_paths(tmp_path):
     assert c["laytongen"].data.tokens == str(run / "train/tokenizer-precompute")
     assert c["laytongen"].model.tokenizer == str(run / "train/tokenizer-stage2/tokenizer")
     assert c["eval_recon"].models[0].path == str(run / "train/tokenizer-stage2/tokenizer")
-    assert c["eval_recon"].models[1].path == "runs/demo/zoo/sdxl"  # given explicitly: kept
+    assert c["eval_recon"].models[1].path == str(Path("runs/demo/zoo/sdxl").resolve())  # given explicitly: kept (made absolute)
     assert c["eval_geneval"].generator == c["eval_coco"].generator == str(run / "train/laytongen/laytongen")
     assert c["eval_coco"].output == str(run / "eval/coco")
     assert all(cfg.ray == wf.ray for cfg in c.values())  # one cluster for every stage
@@ -52,7 +53,7 @@ def test_explicit_paths_win_and_order_is_fixed(tmp_path):
     raw["stages"] = {"eval_coco": stages["eval_coco"], "laytongen": stages["laytongen"], "tokenizer": stages["tokenizer"]}
     raw["stages"]["tokenizer"]["run"] = {"name": "tok", "storage_path": str(tmp_path / "elsewhere")}
     wf = _parse(raw)
-    assert wf.stages() == ["tokenizer_stage1", "tokenizer_stage2", "laytongen", "eval_coco"]
+    assert wf.stage_names() == ["tokenizer_stage1", "tokenizer_stage2", "laytongen", "eval_coco"]
     assert wf.configs["laytongen"].model.tokenizer == str(tmp_path / "elsewhere/tok-stage2/tokenizer")
     assert wf.configs["laytongen"].data.tokens == str(tmp_path / "elsewhere/tok-precompute")
 
@@ -92,14 +93,14 @@ def test_stage_reading_missing_outputs_fails_before_anything(tmp_path):
         check_links(wf)
     path = tmp_path / "gen_only.yaml"
     path.write_text(yaml.safe_dump(raw))
-    r = subprocess.run([sys.executable, "-m", "layton.cli", "workflow", "run", str(path)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "app.cli", "workflow", "run", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "stages.laytongen.data.tokens" in r.stderr
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
 
 
 def test_missing_model_file_fails_in_preflight_naming_stage_and_field(tmp_path, tiny_zoo):
     from layton.model_files import ModelFileError
-    from workflows.run_workflow import preflight
+    from app.runner import preflight
 
     raw = _demo(tmp_path)
     text = yaml.safe_dump(raw).replace("runs/demo/zoo", str(tiny_zoo))

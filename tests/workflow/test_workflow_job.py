@@ -12,13 +12,13 @@ import urllib.request
 
 import yaml
 
-from layton.cluster import free_port
-from layton.jobs import job_logs, job_status, wait_for_job
+from app.cluster import free_port
+from app.jobs import job_logs, job_status, wait_for_job
 from tests.conftest import ROOT
 
 
 def _layton(*args, env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "layton.cli", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

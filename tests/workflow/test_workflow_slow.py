@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _workflow(cwd, *args, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "layton.cli", "workflow", "run", "workflows/demo.yaml", *args], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "workflow", "run", "workflows/demo.yaml", *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env, **kw)
 
 

@@ -24,6 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+from PIL import Image
+
+from layton.tables import Table
+from pipelines.stats import format_summary, plot_histograms, shard_summary
+
 MAX_WIDTH = 1024  # px; wider images are downscaled before embedding to bound the page size
 NOT_METRICS = {"step", "time", "resumed_from"}
 CSS = """
@@ -72,19 +78,6 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     return output
 
 
-def add_report_command(subparsers):
-    """`layton report RUN_DIR [-o OUT.html]` on the CLI's subparsers."""
-    p = subparsers.add_parser("report", help="a self-contained HTML report of a workflow run directory")
-    p.add_argument("run_dir")
-    p.add_argument("-o", "--output", help="HTML path (default RUN_DIR/report.html)")
-    p.set_defaults(fn=_report_command)
-    return p
-
-
-def _report_command(args) -> None:
-    print(write_report(args.run_dir, args.output))
-
-
 def _discover(run_dir: Path) -> dict[str, list]:
     def files(*patterns):
         return sorted({p for pat in patterns for p in run_dir.glob(pat) if p.is_file()})
@@ -105,8 +98,6 @@ def _discover(run_dir: Path) -> dict[str, list]:
 # ---- workflow files and stages -------------------------------------------------------------------
 
 def _read_yaml(paths: list[Path], notes: list[str]) -> tuple[str, dict]:
-    import yaml
-
     text = ""
     try:
         text = paths[0].read_text(errors="replace") if paths else ""
@@ -175,8 +166,6 @@ def _truncate(s: str, n: int) -> str:
 # ---- shard statistics ----------------------------------------------------------------------------
 
 def _shards(dirs: list[Path], notes: list[str]) -> str:
-    from pipelines.stats import format_summary, plot_histograms, shard_summary
-
     out = "<h2>Shard statistics</h2>"
     if not dirs:
         return out + "<p class=missing>no shard directory (synth/ or a directory of *_stats.json)</p>"
@@ -288,8 +277,6 @@ def _grids(job_dirs: list[Path], eval_images: list[Path], notes: list[str]) -> s
 
 def _img(path: Path, notes: list[str], alt: str) -> str:
     """An <img> of `path`, re-encoded as PNG and downscaled to MAX_WIDTH; '' (and a note) if unreadable."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -323,45 +310,8 @@ def _evals(dirs: list[Path], notes: list[str]) -> str:
             except (OSError, ValueError, AttributeError) as e:
                 notes.append(f"{d / 'results.json'}: invalid JSON ({e.__class__.__name__}) — time not shown")
         try:
-            out += markdown_to_html((d / "results.md").read_text(errors="replace"))
-        except OSError:  # absent (results.json only) or unreadable
-            out += "<p class=missing>no readable results.md</p>"
+            out += Table.from_dict(json.loads((d / "results.json").read_text())["table"]).to_html()
+        except (OSError, ValueError, KeyError, TypeError) as e:  # absent, unreadable, or written before tables were data
+            notes.append(f"{d / 'results.json'}: no readable result table ({e.__class__.__name__})")
+            out += "<p class=missing>no readable result table</p>"
     return out
-
-
-_SEP = re.compile(r"^\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?$")
-_ALIGN = {(True, True): " style='text-align:center'", (False, True): " style='text-align:right'",
-          (True, False): " style='text-align:left'", (False, False): ""}
-
-
-def _cells(line: str) -> list[str]:
-    line = line.strip()
-    line = line[1:] if line.startswith("|") else line
-    line = line[:-1] if line.endswith("|") and not line.endswith("\\|") else line
-    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)]
-
-
-def _row(cells: list[str], tag: str, aligns: list[str]) -> str:
-    cells = (cells + [""] * len(aligns))[: len(aligns)]  # ragged rows: pad/cut to the header
-    return "<tr>" + "".join(f"<{tag}{a}>{esc(c)}</{tag}>" for c, a in zip(cells, aligns)) + "</tr>"
-
-
-def markdown_to_html(text: str) -> str:
-    """GitHub-style markdown tables → <table> (with :--- / :---: / ---: alignment); other lines → <p>."""
-    lines, out, i = text.splitlines(), [], 0
-    while i < len(lines):
-        line = lines[i].strip()
-        if line.startswith("|") and i + 1 < len(lines) and _SEP.match(lines[i + 1].strip()):
-            header, specs = _cells(line), _cells(lines[i + 1])
-            aligns = [_ALIGN[s.startswith(":"), s.endswith(":")] for s in specs] + [""] * max(0, len(header) - len(specs))
-            aligns = aligns[: len(header)]
-            body, i = [], i + 2
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                body.append(_row(_cells(lines[i]), "td", aligns))
-                i += 1
-            out.append("<table>" + _row(header, "th", aligns) + "".join(body) + "</table>")
-            continue
-        if line:  # headings and prose: plain paragraphs
-            out.append(f"<p>{esc(line.lstrip('#').strip())}</p>")
-        i += 1
-    return "".join(out)

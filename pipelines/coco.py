@@ -12,6 +12,10 @@ import json
 import math
 from pathlib import Path
 
+from layton.tables import Table, cell
+from pipelines.eval_data import image_files
+from pipelines.generate import METADATA, read_prompt_file
+
 METRICS = {"imagereward": "ImageReward", "mps": "MPS", "hpsv2": "HPSv2", "facescore": "FaceScore"}
 
 
@@ -37,8 +41,6 @@ def read_coco_captions(path: str | Path) -> list[tuple[str, str]]:
 
 def read_captions(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
     """A COCO captions .json, or any prompt file `layton generate` reads (.txt/.jsonl/.parquet)."""
-    from pipelines.generate import read_prompt_file
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"captions: {p} does not exist")
@@ -57,9 +59,6 @@ def match_images(images_dir: str | Path, ids: list[str]) -> tuple[dict[str, Path
 
     A `metadata.jsonl` written by `layton generate` names each id's file (failed rows have none);
     otherwise files are matched by stem."""
-    from pipelines.eval_data import image_files
-    from pipelines.generate import METADATA
-
     root = Path(images_dir)
     found: dict[str, Path] = {}
     if (root / METADATA).is_file():
@@ -86,12 +85,10 @@ def summarize(rows: list[dict], metrics: list[str]) -> dict:
     return out
 
 
-def markdown_table(summary: dict, name: str, images: int) -> str:
+def result_table(summary: dict, name: str, images: int) -> Table:
     """The paper's COCO-5K layout: one row per model, a column per metric (higher is better)."""
     cols = [m for m in METRICS if m in summary]
-    head = "| Method | " + " | ".join(f"{METRICS[m]} ↑" for m in cols) + " | images |"
-    sep = "|---|" + "---|" * len(cols) + "---|"
-    cell = ["n/a" if summary[m]["mean"] is None else f"{summary[m]['mean']:.4f}" for m in cols]
     notes = [f"{METRICS[m]} over {summary[m]['n']} image(s)" for m in cols if summary[m]["n"] != images]
-    return "\n".join([head, sep, f"| {name} | " + " | ".join(cell) + f" | {images} |"]
-                     + ([""] + [f"{'; '.join(notes)}."] if notes else []))
+    return Table(["Method", *(f"{METRICS[m]} ↑" for m in cols), "images"],
+                 [[name, *(cell(summary[m]["mean"], 4) for m in cols), str(images)]],
+                 title=f"COCO ({images} images)", notes=[f"{'; '.join(notes)}."] if notes else [])

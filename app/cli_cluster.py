@@ -1,4 +1,5 @@
-"""`layton cluster up|down|status` and `layton jobs status|logs|stop` (wired into layton.cli)."""
+"""`layton cluster up|down|status` and `layton jobs status|logs|stop` (wired into app.cli); like the
+other commands, each imports what it runs inside its function (no Ray for `--help`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from datetime import datetime
 
 
 def _cluster_up(args) -> None:
-    from layton.cluster import cluster_status, cluster_up
+    from app.cluster import cluster_status, cluster_up
 
     r = cluster_up(port=args.port, dashboard_port=args.dashboard_port, metrics_export_port=args.metrics_export_port,
                    num_cpus=args.num_cpus, num_gpus=args.num_gpus)
@@ -22,7 +23,7 @@ def _cluster_up(args) -> None:
 
 
 def _cluster_down(args) -> None:
-    from layton.cluster import cluster_down, cluster_status
+    from app.cluster import cluster_down, cluster_status
 
     state = cluster_status()
     if cluster_down():  # False: it printed that none is recorded
@@ -30,7 +31,7 @@ def _cluster_down(args) -> None:
 
 
 def _cluster_status(args) -> None:
-    from layton.cluster import cluster_status, state_path
+    from app.cluster import cluster_status, state_path
 
     state = cluster_status()
     if state is None:
@@ -44,7 +45,7 @@ def _cluster_status(args) -> None:
 def resolve_address(address: str | None) -> str:
     """--address, else $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS (Ray's own order), else the recorded local
     head's dashboard. A GCS address of the recorded head (host:port) maps to its dashboard URL."""
-    from layton.cluster import cluster_status
+    from app.cluster import cluster_status
 
     state = cluster_status()
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
@@ -60,7 +61,7 @@ def _ms(t: int | None) -> str:
 
 
 def _jobs_status(args) -> None:
-    from layton.jobs import job_status
+    from app.jobs import job_status
 
     s = job_status(resolve_address(args.address), args.id)
     print(f"{s['submission_id']}: {s['status']}")
@@ -74,7 +75,7 @@ def _jobs_status(args) -> None:
 
 
 def _jobs_logs(args) -> None:
-    from layton.jobs import job_logs
+    from app.jobs import job_logs
 
     logs = job_logs(resolve_address(args.address), args.id, follow=args.follow)
     if isinstance(logs, str):
@@ -86,7 +87,7 @@ def _jobs_logs(args) -> None:
 
 
 def _jobs_stop(args) -> None:
-    from layton.jobs import stop_job
+    from app.jobs import stop_job
 
     stopped = stop_job(resolve_address(args.address), args.id)
     print(f"{args.id}: {'stop requested' if stopped else 'not running'}")

@@ -1,18 +1,21 @@
-"""The `layton` command."""
+"""The `layton` command.
+
+Each command imports what it runs inside its function, so that
+`layton --help` and `layton workflow validate` load neither torch nor Ray.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
-from layton.cli_cluster import add_cluster_commands
+from app.cli_cluster import add_cluster_commands
 from layton.config import ConfigError, load_config
-from layton.model_files import ModelFileError
-from layton.report import add_report_command
+from stages.registry import STAGES
 
 
 def _models_tiny(args) -> None:
@@ -25,31 +28,48 @@ def _models_tiny(args) -> None:
         print(f"{name:24s} {path}")
 
 
-def _synth(args) -> None:
-    from pipelines.synth import run_synth
+def _run_stages(args) -> None:
+    """A stage command (`layton synth CONFIG`, `layton train tokenizer CONFIG --stage 2`, ...): the
+    config of its stage(s), `check()` before Ray, then `execute()` (skipped when complete)."""
+    stages = [cls(on_event=lambda line: print(line, flush=True), **({"force": args.force} if "force" in args else {}))
+              for cls in args.stages if getattr(args, "stage", "all") in ("all", cls.name[-1])]
+    from layton.ray_cluster import ray_session
 
-    config = load_config(args.config)
-    start = time.time()
+    config = load_config(args.config, stages[0].config)
+    for stage in stages[:1]:  # a later stage's inputs may be the earlier one's outputs: checked when it runs
+        stage.check(config)
+    with contextlib.ExitStack() as session:
+        connected = False
+        for stage in stages:
+            if not connected and stage.is_complete(config) is None:  # Ray only once there is work
+                session.enter_context(ray_session(config.ray))
+                connected = True
+            for line in stage.execute(config).lines:
+                print(line, flush=True)
 
-    def progress(stats: dict, so_far) -> None:
-        elapsed = time.time() - start
-        n, todo = so_far.shards_written, so_far.shards_planned
-        eta = f", ~{elapsed / n * (todo - n):.0f}s left" if n < todo else ""
-        print(f"shard {stats['shard']:05d}: {stats['accepted']}/{stats['total']} accepted, {stats['rejected']} rejected, "
-              f"{stats['failed']} failed | {n}/{todo} shards, {so_far.accepted} accepted / {so_far.rejected} rejected "
-              f"so far, {elapsed:.0f}s{eta}", flush=True)
 
-    def planned(r) -> None:
-        p = r.plan
-        print(f"synth: plan {p['shards']} shard(s) over {p['rows']} input row(s) of {p['inputs']} file(s): "
-              f"{r.shards_skipped} complete, {r.shards_planned} to do", flush=True)
+GROUP_HELP = {"train": "training jobs on Ray Train", "eval": "evaluation jobs on Ray Data"}
 
-    result = run_synth(config, force=args.force, on_plan=planned, on_shard=progress)
-    print(
-        f"synth: wrote {result.shards_written} shard(s), kept {result.shards_skipped} complete one(s); "
-        f"{result.accepted} accepted / {result.rejected} rejected / {result.failed} failed in {result.seconds:.1f}s"
-    )
-    print(f"summary: layton shards stats {config.output.dir}")
+
+def _add_stage_commands(sub) -> None:
+    """One command per distinct `Stage.command` of the registry; stages sharing one get --stage."""
+    groups: dict[str, object] = {}
+    by_command: dict[tuple, list] = {}
+    for cls in STAGES:
+        by_command.setdefault(cls.command, []).append(cls)
+    for command, classes in by_command.items():
+        parent = sub
+        for word in command[:-1]:
+            if word not in groups:
+                groups[word] = sub.add_parser(word, help=GROUP_HELP[word]).add_subparsers(dest="what", required=True)
+            parent = groups[word]
+        p = parent.add_parser(command[-1], help=classes[0].help)
+        p.add_argument("config")
+        if len(classes) > 1:
+            p.add_argument("--stage", choices=[c.name[-1] for c in classes] + ["all"], default="all")
+        if command == ("synth",):
+            p.add_argument("--force", action="store_true", help="resume into an output written with other settings")
+        p.set_defaults(fn=_run_stages, stages=classes)
 
 
 def _shards_stats(args) -> None:
@@ -73,82 +93,22 @@ def _convert_mps(args) -> None:
     print(convert_mps_checkpoint(args.src, args.dst))
 
 
-def _train_tokenizer(args) -> None:
-    from layton.config import TokenizerTrainConfig
-    from workflows.train_tokenizer import run_tokenizer_stage
+def _report(args) -> None:
+    from app.report import write_report
 
-    config = load_config(args.config, TokenizerTrainConfig)
-    for stage in ([1, 2] if args.stage == "all" else [int(args.stage)]):
-        r = run_tokenizer_stage(config, stage)
-        if r.precompute:
-            p = r.precompute
-            print(f"precompute: {p['usable']} image(s) usable, {p['skipped']} skipped {p['skipped_by_reason'] or ''}")
-        if r.skipped:
-            print(f"stage {stage}: already complete at step {r.step}: {r.tokenizer_dir}")
-        else:
-            m = r.metrics
-            print(f"stage {stage}: step {r.step}, loss {m.get('loss', float('nan')):.4f}, "
-                  f"{m.get('skipped_images', 0)} image(s) skipped, {r.seconds:.1f}s -> {r.tokenizer_dir}")
-        grids = sorted((Path(r.tokenizer_dir).parent / "grids").glob("*.png"))
-        if grids:
-            print(f"stage {stage}: reconstruction grid {grids[-1]}")
+    print(write_report(args.run_dir, args.output))
 
 
-def _train_gen(args) -> None:
-    from layton.config import GenTrainConfig
-    from workflows.train_gen import run_gen_training
+def _convert_tokenizer(args) -> None:
+    from layton.tokenizer import convert_legacy_tokenizer
 
-    config = load_config(args.config, GenTrainConfig)
-    r = run_gen_training(config)
-    if r.precompute:
-        p = r.precompute
-        print(f"text precompute: {p['usable']} caption(s) usable, {p['skipped']} skipped {p['skipped_by_reason'] or ''}")
-    if r.skipped:
-        print(f"laytongen: already complete at step {r.step}: {r.directory}")
-    else:
-        m = r.metrics
-        print(f"laytongen: step {r.step}, loss {m.get('loss', float('nan')):.4f} (uniform {m.get('uniform_ce', float('nan')):.4f}), "
-              f"{m.get('skipped_rows', 0)} row(s) skipped, {r.seconds:.1f}s -> {r.directory}")
-    grids = sorted((Path(r.directory).parent / "samples").glob("*.png"))
-    if grids:
-        print(f"laytongen: sample grid {grids[-1]}")
+    print(convert_legacy_tokenizer(args.src, args.dst))
 
 
-def _eval_recon(args) -> None:
-    from layton.config import ReconEvalConfig
-    from workflows.eval_recon import run_recon_eval
+def _convert_laytongen(args) -> None:
+    from layton.laytongen import convert_legacy_laytongen
 
-    body = run_recon_eval(load_config(args.config, ReconEvalConfig))
-    out = Path(body["config"]["output"])
-    print((out / "results.md").read_text())
-    for name, r in body["results"].items():
-        if r["skipped"]:
-            print(f"{name}: skipped {r['skipped']}")
-    print(f"results: {out / 'results.json'} ({body['seconds']:.1f}s)")
-
-
-def _eval_geneval(args) -> None:
-    from layton.config import GenEvalRunConfig
-    from workflows.eval_geneval import run_geneval
-
-    body = run_geneval(load_config(args.config, GenEvalRunConfig))
-    out = Path(body["config"]["output"])
-    print((out / "results.md").read_text())
-    print(f"results: {out / 'results.json'} ({body['images']} image(s), {body['seconds']:.1f}s)")
-
-
-def _eval_coco(args) -> None:
-    from layton.config import CocoEvalConfig
-    from workflows.eval_coco import run_coco_eval
-
-    body = run_coco_eval(load_config(args.config, CocoEvalConfig))
-    out = Path(body["config"]["output"])
-    print((out / "results.md").read_text())
-    if body["skipped"]:
-        print(f"skipped: {body['skipped']}")
-    if body["without_face"]:
-        print(f"{body['without_face']} image(s) without a detected face (no FaceScore)")
-    print(f"results: {out / 'results.json'} ({body['images']} of {body['captions']} caption(s) scored, {body['seconds']:.1f}s)")
+    print(convert_legacy_laytongen(args.src, args.dst, tokenizer=args.tokenizer))
 
 
 WORKFLOW_ENV, WORKFLOW_CWD_ENV = "LAYTON_WORKFLOW", "LAYTON_WORKFLOW_CWD"
@@ -159,7 +119,7 @@ def _read_workflow(args):
     relative paths resolve against the submitter's directory when this machine has it."""
     import os
 
-    from layton.workflow import load_workflow, parse_workflow
+    from app.workflow import load_workflow, parse_workflow
 
     if not getattr(args, "from_env", False):
         if args.file is None:
@@ -174,18 +134,18 @@ def _read_workflow(args):
 
 
 def _workflow_validate(args) -> None:
-    from layton.workflow import check_links
+    from app.workflow import check_links
 
     wf = _read_workflow(args)
     check_links(wf)
-    print(f"{wf.source}: workflow {wf.name!r} is valid; stages: {', '.join(wf.stages())}; root {wf.root}")
+    print(f"{wf.source}: workflow {wf.name!r} is valid; stages: {', '.join(wf.stage_names())}; root {wf.root}")
 
 
 def _workflow_run(args) -> None:
-    from workflows.run_workflow import run_workflow
+    from app.runner import run_workflow
 
     wf = _read_workflow(args)
-    print(f"workflow {wf.name}: {', '.join(wf.stages())} -> {wf.root}", flush=True)
+    print(f"workflow {wf.name}: {', '.join(wf.stage_names())} -> {wf.root}", flush=True)
     final = run_workflow(wf, on_event=lambda line: print(line, flush=True))
     print(f"workflow {wf.name}: all {len(final['stages'])} stage(s) complete; report {final['report']}")
 
@@ -193,9 +153,9 @@ def _workflow_run(args) -> None:
 def _workflow_submit(args) -> None:
     import os
 
-    from layton.cli_cluster import resolve_address
-    from layton.jobs import submit_workflow
-    from layton.workflow import check_links
+    from app.cli_cluster import resolve_address
+    from app.jobs import submit_workflow
+    from app.workflow import check_links
 
     wf = _read_workflow(args)
     check_links(wf)  # a broken workflow is refused here, not on the cluster
@@ -290,11 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--if-missing", action="store_true", help="do nothing when DIR holds a complete zoo of this version")
     tiny.set_defaults(fn=_models_tiny)
 
-    synth = sub.add_parser("synth", help="run or resume a synthesis config")
-    synth.add_argument("config")
-    synth.add_argument("--force", action="store_true", help="resume into an output written with other settings")
-    synth.set_defaults(fn=_synth)
-
     shards = sub.add_parser("shards", help="shard utilities").add_subparsers(dest="what", required=True)
     stats = shards.add_parser("stats", help="summarise the complete shards of an output directory")
     stats.add_argument("dir")
@@ -302,21 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(fn=_shards_stats)
 
-    convert = sub.add_parser("convert", help="convert upstream checkpoints").add_subparsers(dest="what", required=True)
+    convert = sub.add_parser("convert", help="convert upstream checkpoints and old model directories").add_subparsers(dest="what", required=True)
     mps = convert.add_parser("mps", help="MPS .pth (pickled module) → safetensors, without running pickled code")
     mps.add_argument("src")
     mps.add_argument("dst")
     mps.set_defaults(fn=_convert_mps)
-
-    train = sub.add_parser("train", help="training jobs on Ray Train").add_subparsers(dest="what", required=True)
-    tt = train.add_parser("tokenizer", help="train the Layton tokenizer (resumes when rerun)")
-    tt.add_argument("config")
-    tt.add_argument("--stage", choices=["1", "2", "all"], default="all")
-    tt.set_defaults(fn=_train_tokenizer)
-
-    tg = train.add_parser("gen", help="train LaytonGen (resumes when rerun)")
-    tg.add_argument("config")
-    tg.set_defaults(fn=_train_gen)
+    ct = convert.add_parser("tokenizer", help="a tokenizer directory of the old layout (tokenizer_config.json) → model_index.json")
+    ct.add_argument("src")
+    ct.add_argument("dst")
+    ct.set_defaults(fn=_convert_tokenizer)
+    cg = convert.add_parser("laytongen", help="a LaytonGen directory of the old layout (laytongen.json) → model_index.json")
+    cg.add_argument("src")
+    cg.add_argument("dst")
+    cg.add_argument("--tokenizer", help="where the tokenizer it names is now, if it moved")
+    cg.set_defaults(fn=_convert_laytongen)
 
     gen = sub.add_parser("generate", help="text -> image with LaytonGen (one prompt, or a prompt file as a Ray Data job)")
     gen.add_argument("prompt", nargs="?", help='the prompt; "" samples unconditionally')
@@ -336,17 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=4)
     gen.set_defaults(fn=_generate)
 
-    ev = sub.add_parser("eval", help="evaluation jobs on Ray Data").add_subparsers(dest="what", required=True)
-    er = ev.add_parser("recon", help="rFID / PSNR / SSIM / LPIPS of tokenizers and baselines")
-    er.add_argument("config")
-    er.set_defaults(fn=_eval_recon)
-    eg = ev.add_parser("geneval", help="GenEval: generate (optional) and score in GenEval's layout")
-    eg.add_argument("config")
-    eg.set_defaults(fn=_eval_geneval)
-    ec = ev.add_parser("coco", help="COCO-5K captions: generate (optional), ImageReward / MPS / HPSv2 / FaceScore means")
-    ec.add_argument("config")
-    ec.set_defaults(fn=_eval_coco)
-
     wfp = sub.add_parser("workflow", help="a whole experiment from one workflow file").add_subparsers(dest="what", required=True)
     wr = wfp.add_parser("run", help="run (or resume) a workflow on the current Ray (a local instance if none)")
     wr.add_argument("file", nargs="?")
@@ -360,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument("--address", help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: "
                     "$RAY_API_SERVER_ADDRESS / $RAY_ADDRESS, else the head `layton cluster up` started)")
     ws.set_defaults(fn=_workflow_submit)
-    add_report_command(sub)
+    _add_stage_commands(sub)
+    rep = sub.add_parser("report", help="a self-contained HTML report of a workflow run directory")
+    rep.add_argument("run_dir")
+    rep.add_argument("-o", "--output", help="HTML path (default RUN_DIR/report.html)")
+    rep.set_defaults(fn=_report)
     add_cluster_commands(sub)
 
     enc = sub.add_parser("encode", help="images -> token ids (.npy, shape (N, h, w))")
@@ -387,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (ConfigError, ModelFileError, FileNotFoundError, ValueError, ImportError, ConnectionError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, ImportError, ConnectionError) as e:
         print(f"layton: error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, TimeoutError) as e:  # e.g. ResumeConflict, WorkflowAlreadyRunning

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ENTRYPOINT = "python -m layton.cli workflow run --from-env"
+DEFAULT_ENTRYPOINT = "python -m app.cli workflow run --from-env"
 # Ray uploads working_dir to the cluster (limit 500 MiB) and applies .gitignore too; these keep
 # environments, outputs, weights and caches out of the package even where no .gitignore says so
 # (data files such as workflows/data/*.parquet stay: the workflows read them).

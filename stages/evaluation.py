@@ -1,0 +1,42 @@
+"""What the evaluation stages share: results under `output` (its completion record too), and for
+those that can generate with LaytonGen, where the generator and the images come from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from stages.base import Stage, StageResult
+from stages.laytongen.stage import laytongen_export
+from stages.links import setdefault_dotted
+
+
+class EvalStage(Stage):
+    kind: ClassVar[str]  # eval/<kind> under the workflow root
+
+    def record_dir(self, cfg) -> str:
+        return cfg.output
+
+    def result(self, cfg, body: dict, summary: dict, notes: list[str], counted: str) -> StageResult:
+        """The results table, notes, and where results.json is (with what was `counted` and the time)."""
+        out = Path(cfg.output)
+        lines = [(out / "results.md").read_text().rstrip(), *notes,
+                 f"results: {out / 'results.json'} ({counted}{', ' if counted else ''}{body['seconds']:.1f}s)"]
+        return StageResult(self.name, False, summary, {"results": str(out / "results.json")}, lines)
+
+
+class GeneratingEvalStage(EvalStage):
+    """Generates with LaytonGen (`generator`) into `images`, or scores `images` as found."""
+
+    def with_defaults(self, raw: dict, root: str, earlier: dict) -> dict:
+        if "laytongen" in earlier:
+            setdefault_dotted(raw, "generator", laytongen_export(earlier["laytongen"]))
+        setdefault_dotted(raw, "images", f"{root}/eval/{self.kind}/images")
+        setdefault_dotted(raw, "output", f"{root}/eval/{self.kind}")
+        return raw
+
+    def inputs(self, cfg) -> list[tuple[str, str]]:
+        return [("generator", cfg.generator)] if cfg.generator else [("images", cfg.images)]
+
+    def outputs(self, cfg) -> list[str]:
+        return [cfg.images] if cfg.generator else []
