@@ -16,6 +16,7 @@ the one stated exception to imports at module top, so that the registry, `layton
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -33,7 +34,7 @@ class StageResult:
     seconds: float = 0.0
 
 
-class Stage:
+class Stage(ABC):
     name: ClassVar[str]  # as listed in workflow state and the report
     section: ClassVar[str]  # its section in a workflow file (two stages may share one)
     config: ClassVar[type[Section]]
@@ -42,11 +43,12 @@ class Stage:
 
     def __init__(self, on_event: Callable[[str], None] | None = None):
         self.on_event = on_event or (lambda line: None)  # progress lines (the CLI prints them)
+        self._fingerprint: tuple[object, str] | None = None  # (config, its fingerprint): computed once per config
 
-    def defaults(self, root: str, earlier: dict[str, Section]) -> dict[str, object]:
-        """Dotted field -> value for the fields that link this stage to the workflow's root and to
-        the configs of the sections before it (set only where the file leaves them out)."""
-        return {}
+    def with_defaults(self, raw: dict, root: str, earlier: dict[str, Section]) -> dict:
+        """The section as written, with the fields that link this stage to the workflow's root and
+        to the configs of the sections before it filled in (only where the file leaves them out)."""
+        return raw
 
     def inputs(self, cfg) -> list[tuple[str, str]]:
         """(field, path) of every input that an earlier stage may write."""
@@ -59,19 +61,26 @@ class Stage:
     def check(self, cfg) -> None:
         """Every file the stage will read, checked before Ray starts; errors name the field and path."""
 
+    @abstractmethod
     def run(self, cfg) -> StageResult:
-        raise NotImplementedError
+        """The work, on the current Ray."""
 
+    @abstractmethod
     def record_dir(self, cfg) -> str:
         """Where the stage's completion record lives."""
-        raise NotImplementedError
 
     def settings(self, cfg):
         """What decides this stage's outputs (the fingerprint hashes it without its Runtime fields)."""
         return cfg
 
+    def fingerprint(self, cfg) -> str:
+        # `settings` may read the input (synthesis lists the prompt files' footers): once per config.
+        if self._fingerprint is None or self._fingerprint[0] is not cfg:
+            self._fingerprint = (cfg, fingerprint(self.settings(cfg)))
+        return self._fingerprint[1]
+
     def is_complete(self, cfg) -> dict | None:
-        return is_complete(self.record_dir(cfg), fingerprint(self.settings(cfg)))
+        return is_complete(self.record_dir(cfg), self.fingerprint(cfg))
 
     def execute(self, cfg) -> StageResult:
         """Run unless complete for these settings; the completion record is written last."""
@@ -84,6 +93,16 @@ class Stage:
                                [f"{self.name}: already complete{at}: {self.record_dir(cfg)}"], time.time() - t0)
         result = self.run(cfg)
         result.seconds = time.time() - t0
-        mark_complete(self.record_dir(cfg), fingerprint(self.settings(cfg)), stage=self.name, summary=result.summary,
+        mark_complete(self.record_dir(cfg), self.fingerprint(cfg), stage=self.name, summary=result.summary,
                       outputs=result.outputs, seconds=result.seconds)
         return result
+
+
+def setdefault_dotted(d: dict, dotted: str, value) -> None:
+    """`d[a][b][c] = value` for "a.b.c" unless set; a non-mapping on the way is left for validation to name."""
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            return
+    d.setdefault(last, value)

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from stages.base import Stage, StageResult
+from stages.base import Stage, StageResult, setdefault_dotted
 from stages.laytongen.stage import laytongen_export
-from stages.links import setdefault_dotted
 
 
 class EvalStage(Stage):

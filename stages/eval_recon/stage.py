@@ -3,10 +3,9 @@ the completion record for these settings."""
 
 from __future__ import annotations
 
-from stages.base import StageResult
+from stages.base import StageResult, setdefault_dotted
 from stages.eval_recon.config import ReconEvalConfig
 from stages.evaluation import EvalStage
-from stages.links import setdefault_dotted
 from stages.tokenizer.stage import tokenizer_outputs
 
 METRICS = ("rfid", "psnr", "ssim", "lpips")

@@ -6,9 +6,8 @@ Its completion record lies in the export (`<run.storage_path>/<run.name>/laytong
 from __future__ import annotations
 
 
-from stages.base import Stage, StageResult
+from stages.base import Stage, StageResult, setdefault_dotted
 from stages.laytongen.config import GenTrainConfig
-from stages.links import setdefault_dotted
 from stages.tokenizer.stage import tokenizer_outputs
 from stages.training import training_result
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from stages.base import Stage, StageResult
-from stages.links import setdefault_dotted
+from stages.base import Stage, StageResult, setdefault_dotted
 from stages.synth.config import SynthConfig
 
 

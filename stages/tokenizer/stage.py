@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.base import Stage, StageResult
-from stages.links import setdefault_dotted
+from stages.base import Stage, StageResult, setdefault_dotted
 from stages.tokenizer.config import TokenizerTrainConfig
 from stages.training import training_result
 
