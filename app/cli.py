@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import sys
@@ -33,7 +34,7 @@ def _run_stages(args) -> None:
     config of its stage(s), `check()` before Ray, then `execute()` (skipped when complete)."""
     stages = [cls(on_event=lambda line: print(line, flush=True), **({"force": args.force} if "force" in args else {}))
               for cls in args.stages if getattr(args, "stage", "all") in ("all", cls.name[-1])]
-    from layton.ray_cluster import ray_session
+    from layton.ray_cluster import check_shared_storage, ray_session
 
     config = load_config(args.config, stages[0].config)
     for stage in stages[:1]:  # a later stage's inputs may be the earlier one's outputs: checked when it runs
@@ -43,6 +44,7 @@ def _run_stages(args) -> None:
         for stage in stages:
             if not connected and stage.is_complete(config) is None:  # Ray only once there is work
                 session.enter_context(ray_session(config.ray))
+                check_shared_storage(stage.outputs(config))
                 connected = True
             for line in stage.execute(config).lines:
                 print(line, flush=True)
@@ -195,7 +197,11 @@ def _generate(args) -> None:
     pipe = LaytonGenPipeline.from_pretrained(args.laytongen, device=pick_device("auto"))
     params = pipe.default_params(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     (r,) = pipe(args.prompt, seed=args.seed, params=params, size=args.size, steps=args.steps)
-    r.image.save(args.output)
+    from layton.storage import Root, basename, parent
+
+    png = io.BytesIO()
+    r.image.save(png, format="PNG")
+    Root(parent(args.output)).write(basename(args.output), png.getvalue())  # a local path or a URI
     notes = [n for n, on in (("unconditional: empty prompt", r.unconditional), ("truncated to 120 T5 tokens", r.truncated)) if on]
     print(f"{args.output}" + (f" ({'; '.join(notes)})" if notes else ""))
 

@@ -39,15 +39,13 @@ def state_path(state_file: str | Path | None = None) -> Path:
     return Path(state_file or os.environ.get("LAYTON_CLUSTER_STATE") or DEFAULT_STATE).expanduser()
 
 
-def port_in_use(port: int) -> bool:
-    """True when something listens on `port` on any interface (Ray binds some ports to 0.0.0.0)."""
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """True when something listens on `port` at `host` (a listener on 0.0.0.0 answers there too).
+    A connection, not a bind(): an outgoing socket that happens to hold the port as its local end
+    does not stop a server from listening on it."""
     with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers don't count
-        try:
-            s.bind(("", port))
-        except OSError:
-            return True
-    return False
+        s.settimeout(2.0)
+        return s.connect_ex((host, port)) == 0
 
 
 def free_port() -> int:
@@ -178,10 +176,12 @@ def cluster_up(port: int = 6379, dashboard_port: int = 8265, metrics_export_port
     for flag, p in ports.items():
         if port_in_use(p):
             raise ClusterError(f"port {p} (--{flag.replace('_', '-')}) is already in use; pick another")
-    # Ports Ray would otherwise take from fixed defaults (client server 10001, agent 52365) and so
-    # collide with any other local Ray on the machine.
+    # Ports Ray would otherwise take from fixed defaults (client server 10001, agent 52365, and the
+    # autoscaler's and the dashboard's own metrics, 44217 and 44227, which only the environment
+    # sets) and so collide with any other local Ray on the machine.
     ports.update(ray_client_server_port=free_port(), dashboard_agent_listen_port=free_port(),
                  dashboard_agent_grpc_port=free_port(), runtime_env_agent_port=free_port())
+    env_ports = {"AUTOSCALER_METRIC_PORT": free_port(), "DASHBOARD_METRIC_PORT": free_port()}
 
     # A private, short temp dir: Ray writes `ray_current_cluster` there rather than in /tmp/ray, so a
     # plain ray.init() elsewhere on the machine does not silently attach to this head; short because
@@ -193,6 +193,7 @@ def cluster_up(port: int = 6379, dashboard_port: int = 8265, metrics_export_port
            f"--metrics-export-port={metrics_export_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
            *(f"--{k.replace('_', '-')}={v}" for k, v in ports.items()
              if k not in ("port", "dashboard_port", "metrics_export_port"))]
+    ports.update({k.lower(): v for k, v in env_ports.items()})
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
@@ -204,6 +205,7 @@ def cluster_up(port: int = 6379, dashboard_port: int = 8265, metrics_export_port
     # multi-node default). Ray's single-machine mode (the macOS/Windows default) keeps the node, its
     # Prometheus exporter and the addresses it hands out on the loopback interface.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env.update({k: str(v) for k, v in env_ports.items()})
     log = Path(temp_dir) / "ray_start.log"
     with open(log, "wb") as out:
         # New session: every daemon `ray start` spawns (and the workers they spawn) share its sid,

@@ -9,12 +9,14 @@ Reads what the workflow left behind (any part may be missing):
     eval/<kind>/results.{md,json}, *.png      evaluation tables, recon grids
 
 Images are embedded as base64 data URIs and the CSS is inline, so the page can be mailed or attached
-to a ticket as one file. A corrupt input never stops the report: it is skipped with a visible note.
+to a ticket as one file. RUN_DIR may be a local path or a URI (`s3://…`): it is listed once and read
+through its filesystem, and report.html is written there. A corrupt input never stops the report: it is skipped with a visible note.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html
 import io
 import json
@@ -22,11 +24,12 @@ import math
 import re
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 from PIL import Image
 
+from layton.storage import Root, absolute, basename, join, parent
 from layton.tables import Table
 from pipelines.stats import format_summary, plot_histograms, shard_summary
 
@@ -46,82 +49,116 @@ pre{background:#f6f6f6;padding:.6em;overflow-x:auto} img{max-width:100%;border:1
 esc = html.escape
 
 
-def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+def write_report(run_dir: str | Path, output: str | Path | None = None) -> str:
+    """Render the report of `run_dir` (a local path or a URI) to `output` (default
+    `<run_dir>/report.html`, local or URI); returns where it was written."""
+    run_dir = str(run_dir)
+    root = Root(run_dir)
+    if not root.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    found = _discover(run_dir)
+    src = _Source(root, root.list(recursive=True))  # one listing: every section finds its files in it
+    found = _discover(src)
     if not any(found.values()):
         raise ValueError(f"{run_dir}: nothing to report (no workflow files, shards, train/ or eval/ outputs)")
     notes: list[str] = []  # filled by the sections as they meet unreadable files
-    yaml_text, workflow = _read_yaml(found["yaml"], notes)
-    state = _read_state(found["state"], notes)
-    name = workflow.get("name") or state.get("name") or run_dir.resolve().name
+    yaml_text, workflow = _read_yaml(src, found["yaml"], notes)
+    state = _read_state(src, found["state"], notes)
+    name = workflow.get("name") or state.get("name") or basename(absolute(run_dir))
     body = [
         _stages(state, found["state"]),
-        _shards(found["shards"], notes),
-        _training(found["histories"], notes),
-        _grids(found["grids"], found["eval_images"], notes),
-        _evals(found["evals"], notes),
+        _shards(src, found["shards"], notes),
+        _training(src, found["histories"], notes),
+        _grids(src, found["grids"], found["eval_images"], notes),
+        _evals(src, found["evals"], notes),
     ]
     if yaml_text:
         body.append(f"<h2>Workflow</h2><details><summary>workflow.yaml</summary><pre>{esc(yaml_text)}</pre></details>")
-    head = (f"<h1>{esc(str(name))}</h1><p class=meta>run directory {esc(str(run_dir.resolve()))}<br>"
+    head = (f"<h1>{esc(str(name))}</h1><p class=meta>run directory {esc(absolute(run_dir))}<br>"
             f"report generated {esc(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>")
     if notes:
         head += "<h2>Skipped inputs</h2>" + "".join(f"<div class=note>{esc(n)}</div>" for n in notes)
     page = (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>{esc(str(name))} — Layton run report</title>"
             f"<style>{CSS}</style></head><body>{head}{''.join(body)}</body></html>\n")
-    output = Path(output) if output is not None else run_dir / "report.html"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(page, encoding="utf-8")
+    output = str(output) if output is not None else join(run_dir, "report.html")
+    Root(parent(output)).write(basename(output), page.encode("utf-8"))
     return output
 
 
-def _discover(run_dir: Path) -> dict[str, list]:
-    def files(*patterns):
-        return sorted({p for pat in patterns for p in run_dir.glob(pat) if p.is_file()})
+class _Source:
+    """The run directory's files: its listing, reads by relative name, and names for the notes."""
 
-    shard_dirs = [run_dir / "synth"] if (run_dir / "synth").is_dir() else []
-    shard_dirs += [d for d in sorted({p.parent for p in files("*/*_stats.json", "*/*/*_stats.json")}) if d not in shard_dirs]
+    def __init__(self, root: Root, files: dict[str, int]):
+        self.root, self.files = root, files
+
+    def where(self, rel: str) -> str:
+        return join(self.root.location, *rel.split("/")) if rel else self.root.location
+
+    def read(self, rel: str) -> bytes:
+        data = self.root.read(rel)
+        if data is None:
+            raise FileNotFoundError(f"{self.where(rel)}: gone")
+        return data
+
+    def glob(self, *patterns: str) -> list[str]:
+        """Files matching any `a/*/b`-style pattern, `*` within one name (as Path.glob)."""
+        def match(rel: str, pat: str) -> bool:
+            parts, pats = rel.split("/"), pat.split("/")
+            return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pats))
+
+        return sorted({rel for rel in self.files for pat in patterns if match(rel, pat)})
+
+
+def _dirname(rel: str) -> str:
+    return rel.rsplit("/", 1)[0] if "/" in rel else ""
+
+
+def _name(rel: str) -> str:
+    return rel.rsplit("/", 1)[-1]
+
+
+def _discover(src: _Source) -> dict[str, list[str]]:
+    """Relative names (files) and relative directories of what the sections show."""
+    shard_dirs = ["synth"] if any(rel.startswith("synth/") for rel in src.files) else []
+    shard_dirs += [d for d in sorted({_dirname(p) for p in src.glob("*/*_stats.json", "*/*/*_stats.json")})
+                   if d not in shard_dirs]
     return {
-        "yaml": files("workflow.yaml"),
-        "state": files("workflow_state.json"),
+        "yaml": src.glob("workflow.yaml"),
+        "state": src.glob("workflow_state.json"),
         "shards": shard_dirs,
-        "histories": files("train/*/history.jsonl"),
-        "grids": sorted({p.parent.parent for p in files("train/*/grids/*.png", "train/*/samples/*.png")}),
-        "evals": sorted({p.parent for p in files("eval/*/results.json", "eval/*/results.md")}),
-        "eval_images": files("eval/*/*.png"),
+        "histories": src.glob("train/*/history.jsonl"),
+        "grids": sorted({_dirname(_dirname(p)) for p in src.glob("train/*/grids/*.png", "train/*/samples/*.png")}),
+        "evals": sorted({_dirname(p) for p in src.glob("eval/*/results.json", "eval/*/results.md")}),
+        "eval_images": src.glob("eval/*/*.png"),
     }
 
 
 # ---- workflow files and stages -------------------------------------------------------------------
 
-def _read_yaml(paths: list[Path], notes: list[str]) -> tuple[str, dict]:
+def _read_yaml(src: _Source, paths: list[str], notes: list[str]) -> tuple[str, dict]:
     text = ""
     try:
-        text = paths[0].read_text(errors="replace") if paths else ""
+        text = src.read(paths[0]).decode(errors="replace") if paths else ""
         data = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as e:
-        notes.append(f"{paths[0]}: not readable YAML ({e.__class__.__name__}) — workflow name not taken from it")
+        notes.append(f"{src.where(paths[0])}: not readable YAML ({e.__class__.__name__}) — workflow name not taken from it")
         return text, {}
     return text, data if isinstance(data, dict) else {}
 
 
-def _read_state(paths: list[Path], notes: list[str]) -> dict:
+def _read_state(src: _Source, paths: list[str], notes: list[str]) -> dict:
     if not paths:
         return {}
     try:
-        state = json.loads(paths[0].read_text())
+        state = json.loads(src.read(paths[0]))
         if not isinstance(state, dict) or not isinstance(state.get("stages", {}), dict):
             raise ValueError("not an object with a 'stages' object")
     except (OSError, ValueError) as e:
-        notes.append(f"{paths[0]}: invalid workflow state ({e}) — stages not shown")
+        notes.append(f"{src.where(paths[0])}: invalid workflow state ({e}) — stages not shown")
         return {"_invalid": True}
     return state
 
 
-def _stages(state: dict, paths: list[Path]) -> str:
+def _stages(state: dict, paths: list[str]) -> str:
     out = "<h2>Stages</h2>"
     if not paths:
         return out + "<p class=missing>no workflow_state.json</p>"
@@ -165,28 +202,31 @@ def _truncate(s: str, n: int) -> str:
 
 # ---- shard statistics ----------------------------------------------------------------------------
 
-def _shards(dirs: list[Path], notes: list[str]) -> str:
+def _shards(src: _Source, dirs: list[str], notes: list[str]) -> str:
     out = "<h2>Shard statistics</h2>"
     if not dirs:
         return out + "<p class=missing>no shard directory (synth/ or a directory of *_stats.json)</p>"
-    for d in dirs:
+    for rel in dirs:
+        d = src.where(rel)
         try:
             summary = shard_summary(d)
-            with tempfile.TemporaryDirectory() as tmp:  # the helper writes a file; embed its bytes
-                plot = _img(plot_histograms(summary, Path(tmp) / "hist.png"), notes, alt=f"score histograms of {d}")
+            with tempfile.TemporaryDirectory() as tmp:  # the helper writes a local file; embed its bytes
+                png = plot_histograms(summary, Path(tmp) / "hist.png").read_bytes()
+            plot = _img(png, d, notes, alt=f"score histograms of {d}")
         except Exception as e:  # a damaged index/parquet: report it, keep the rest of the page
             notes.append(f"{d}: shard statistics failed ({e.__class__.__name__}: {e})")
             continue
-        out += f"<h3>{esc(d.name)}</h3><pre>{esc(format_summary(summary))}</pre>{plot}"
+        out += f"<h3>{esc(_name(rel))}</h3><pre>{esc(format_summary(summary))}</pre>{plot}"
     return out
 
 
 # ---- training curves -----------------------------------------------------------------------------
 
-def _read_history(path: Path, notes: list[str]) -> list[dict]:
+def _read_history(src: _Source, rel: str, notes: list[str]) -> list[dict]:
     by_step: dict[float, dict] = {}
+    path = src.where(rel)
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        lines = src.read(rel).decode(errors="replace").splitlines()
     except OSError as e:
         notes.append(f"{path}: not readable ({e.__class__.__name__}) — skipped")
         return []
@@ -208,23 +248,24 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _training(histories: list[Path], notes: list[str]) -> str:
+def _training(src: _Source, histories: list[str], notes: list[str]) -> str:
     out = "<h2>Training curves</h2>"
     if not histories:
         return out + "<p class=missing>no train/*/history.jsonl</p>"
-    for path in histories:
-        rows = _read_history(path, notes)
+    for rel in histories:
+        rows = _read_history(src, rel, notes)
         metrics = sorted({k for r in rows for k, v in r.items() if _is_num(v) and k not in NOT_METRICS},
                          key=lambda k: (k != "loss", k))  # loss first: it is the curve people look for
-        out += f"<h3>{esc(path.parent.name)}</h3>"
+        job = _name(_dirname(rel))
+        out += f"<h3>{esc(job)}</h3>"
         if not metrics:
-            out += f"<p class=missing>{esc(str(path))}: no numeric metrics</p>"
+            out += f"<p class=missing>{esc(src.where(rel))}: no numeric metrics</p>"
             continue
         last = rows[-1]
         finals = "".join(f"<tr><td>{esc(k)}</td><td class=num>{esc(_short(next(r[k] for r in reversed(rows) if _is_num(r.get(k)))))}</td></tr>"
                          for k in metrics)
         out += (f"<p class=meta>{len(rows)} log steps, last step {esc(_short(last['step']))}</p>"
-                f"{_uri_img(_plot_curves(rows, metrics, path.parent.name), f'curves of {path.parent.name}')}"
+                f"{_uri_img(_plot_curves(rows, metrics, job), f'curves of {job}')}"
                 f"<table><tr><th>metric</th><th>final</th></tr>{finals}</table>")
     return out
 
@@ -253,39 +294,50 @@ def _plot_curves(rows: list[dict], metrics: list[str], title: str) -> bytes:
 
 # ---- images --------------------------------------------------------------------------------------
 
-def _step(path: Path) -> int:
-    m = re.search(r"(\d+)", path.stem)
+def _step(name: str) -> int:
+    m = re.search(r"(\d+)", PurePosixPath(name).stem)
     return int(m.group(1)) if m else -1
 
 
-def _grids(job_dirs: list[Path], eval_images: list[Path], notes: list[str]) -> str:
+def _grids(src: _Source, job_dirs: list[str], eval_images: list[str], notes: list[str]) -> str:
     out = "<h2>Grids</h2>"
     if not job_dirs and not eval_images:
         return out + "<p class=missing>no train/*/grids, train/*/samples or eval/*/*.png</p>"
     for job in job_dirs:
         for kind in ("grids", "samples"):
             # newest first; a corrupt newest grid falls back to the one before it
-            for png in sorted((job / kind).glob("*.png"), key=_step, reverse=True):
-                if img := _img(png, notes, alt=f"{job.name} {kind} {png.name}"):
-                    out += f"<h3>{esc(job.name)} — {kind}/{esc(png.name)}</h3>{img}"
+            for rel in sorted(src.glob(f"{job}/{kind}/*.png"), key=_step, reverse=True):
+                if img := _img(_read_or_none(src, rel), src.where(rel), notes, alt=f"{_name(job)} {kind} {_name(rel)}"):
+                    out += f"<h3>{esc(_name(job))} — {kind}/{esc(_name(rel))}</h3>{img}"
                     break
-    for png in eval_images:
-        if img := _img(png, notes, alt=f"{png.parent.name} {png.name}"):
-            out += f"<h3>eval/{esc(png.parent.name)} — {esc(png.name)}</h3>{img}"
+    for rel in eval_images:
+        kind = _name(_dirname(rel))
+        if img := _img(_read_or_none(src, rel), src.where(rel), notes, alt=f"{kind} {_name(rel)}"):
+            out += f"<h3>eval/{esc(kind)} — {esc(_name(rel))}</h3>{img}"
     return out
 
 
-def _img(path: Path, notes: list[str], alt: str) -> str:
-    """An <img> of `path`, re-encoded as PNG and downscaled to MAX_WIDTH; '' (and a note) if unreadable."""
+def _read_or_none(src: _Source, rel: str) -> bytes | None:
     try:
-        with Image.open(path) as im:
+        return src.read(rel)
+    except OSError:
+        return None
+
+
+def _img(data: bytes | None, where: str, notes: list[str], alt: str) -> str:
+    """An <img> of an image file's bytes, re-encoded as PNG and downscaled to MAX_WIDTH; '' (and a
+    note naming `where`) if unreadable."""
+    try:
+        if data is None:
+            raise FileNotFoundError(where)
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.width > MAX_WIDTH:
                 im = im.resize((MAX_WIDTH, max(1, round(im.height * MAX_WIDTH / im.width))), Image.LANCZOS)
             buf = io.BytesIO()
             im.save(buf, format="PNG", optimize=True)
     except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ... for bad files
-        notes.append(f"{path}: not a readable image ({e.__class__.__name__}) — skipped")
+        notes.append(f"{where}: not a readable image ({e.__class__.__name__}) — skipped")
         return ""
     return _uri_img(buf.getvalue(), alt)
 
@@ -296,22 +348,33 @@ def _uri_img(png: bytes, alt: str) -> str:
 
 # ---- evaluation tables ---------------------------------------------------------------------------
 
-def _evals(dirs: list[Path], notes: list[str]) -> str:
+def _evals(src: _Source, dirs: list[str], notes: list[str]) -> str:
     out = "<h2>Evaluation</h2>"
     if not dirs:
         return out + "<p class=missing>no eval/*/results.json or results.md</p>"
     for d in dirs:
-        out += f"<h3>{esc(d.name)}</h3>"
-        if (d / "results.json").is_file():
+        out += f"<h3>{esc(_name(d))}</h3>"
+        rel, where = f"{d}/results.json", src.where(f"{d}/results.json")
+        try:  # read once: an exception stands for what could not be read, and is reported below
+            results = json.loads(src.read(rel)) if rel in src.files else FileNotFoundError(where)
+        except (OSError, ValueError) as e:
+            results = e
+        if rel in src.files:
             try:
-                seconds = json.loads((d / "results.json").read_text()).get("seconds")
+                seconds = _raise(results).get("seconds")
                 if _is_num(seconds):
                     out += f"<p class=meta>evaluated in {esc(_duration(seconds))}</p>"
             except (OSError, ValueError, AttributeError) as e:
-                notes.append(f"{d / 'results.json'}: invalid JSON ({e.__class__.__name__}) — time not shown")
+                notes.append(f"{where}: invalid JSON ({e.__class__.__name__}) — time not shown")
         try:
-            out += Table.from_dict(json.loads((d / "results.json").read_text())["table"]).to_html()
+            out += Table.from_dict(_raise(results)["table"]).to_html()
         except (OSError, ValueError, KeyError, TypeError) as e:  # absent, unreadable, or written before tables were data
-            notes.append(f"{d / 'results.json'}: no readable result table ({e.__class__.__name__})")
+            notes.append(f"{where}: no readable result table ({e.__class__.__name__})")
             out += "<p class=missing>no readable result table</p>"
     return out
+
+
+def _raise(value):
+    if isinstance(value, Exception):
+        raise value
+    return value

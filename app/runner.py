@@ -5,6 +5,8 @@ is skipped; otherwise its own code decides what is left to do (synthesis keeps c
 training resumes from its last checkpoint), so a rerun after a kill picks up where the run stopped.
 `<root>/workflow_state.json` records every stage's status, times, summary and error (the report and
 `layton jobs` read it); the Ray dashboard's metrics view shows the same as `ray_layton_workflow_*`.
+The root is a local path or a URI alike: every stage, the state and the report are written to it
+directly (`layton.storage.Root`), so a run resumes on any machine that reaches the root.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from ray.util.metrics import Gauge
 
 from app.report import write_report
 from app.workflow import Workflow, check_links, preflight
-from layton.ray_cluster import ray_session
-from layton.storage import pull, push
+from layton.ray_cluster import check_shared_storage, ray_session
+from layton.storage import Root
 from layton.zoo import write_tiny_zoo, zoo_complete
 
 STATE = "workflow_state.json"
@@ -30,13 +32,11 @@ class WorkflowState:
     """workflow_state.json, rewritten atomically after every change."""
 
     def __init__(self, wf: Workflow):
-        self.path = wf.root / STATE
-        old = {}
-        if self.path.is_file():
-            try:
-                old = json.loads(self.path.read_text()).get("stages", {})
-            except (json.JSONDecodeError, AttributeError):
-                old = {}
+        self.root = Root(wf.root)
+        try:
+            old = json.loads(self.root.read(STATE) or b"{}").get("stages", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            old = {}
         self.name = wf.name
         self.stages = {s: {**{"status": "pending", "started": None, "finished": None, "seconds": None, "summary": {},
                               "error": None}, **old.get(s, {})} for s in wf.stage_names()}
@@ -52,9 +52,8 @@ class WorkflowState:
         self._export(stage)
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"name": self.name, "updated": time.time(), "stages": self.stages}, indent=1, default=str))
-        tmp.replace(self.path)
+        self.root.write(STATE, json.dumps({"name": self.name, "updated": time.time(), "stages": self.stages},
+                                          indent=1, default=str).encode())
 
     def _export(self, stage: str) -> None:
         if not ray.is_initialized():
@@ -65,25 +64,19 @@ class WorkflowState:
         self._gauge.set(STATUS_CODE[self.stages[stage]["status"]], tags={"workflow": self.name, "stage": stage})
 
 
-def _push(wf: Workflow, on_event) -> None:
-    if wf.remote:
-        on_event(f"storage: {push(wf.root, wf.remote)} file(s) pushed to {wf.remote}")
-
-
 def run_workflow(wf: Workflow, on_event=print) -> dict:
     """Run every stage of `wf` not yet complete; returns the final state. A failing stage is recorded
     (status, error) and re-raised; the stages after it stay pending."""
     check_links(wf)
-    wf.root.mkdir(parents=True, exist_ok=True)
-    if wf.remote:
-        on_event(f"storage: {pull(wf.remote, wf.root)} file(s) pulled from {wf.remote} into {wf.root}")
-    (wf.root / "workflow.yaml").write_text(yaml.safe_dump(wf.raw, sort_keys=False))
+    root = Root(wf.root)
+    root.write("workflow.yaml", yaml.safe_dump(wf.raw, sort_keys=False).encode())
     if wf.tiny_zoo and not zoo_complete(wf.tiny_zoo):
         on_event(f"tiny zoo: writing {wf.tiny_zoo}")
         write_tiny_zoo(wf.tiny_zoo)
     preflight(wf)
     state = WorkflowState(wf)
     with ray_session(wf.ray):
+        check_shared_storage([wf.root, wf.tiny_zoo])
         for stage, cfg in wf.stages():
             stage.on_event = on_event
             t0 = time.time()
@@ -94,14 +87,11 @@ def run_workflow(wf: Workflow, on_event=print) -> dict:
             except BaseException as e:
                 state.set(stage.name, status="failed", finished=time.time(), seconds=time.time() - t0,
                           error=f"{type(e).__name__}: {e}"[:2000])
-                _push(wf, on_event)
                 raise
             state.set(stage.name, status="complete", finished=time.time(), seconds=time.time() - t0,
                       summary=result.summary, skipped=result.skipped)
             on_event(f"{stage.name}: {'already complete' if result.skipped else 'complete'} ({time.time() - t0:.1f}s) "
                      f"{result.summary}")
-            _push(wf, on_event)
     report = write_report(wf.root)
     on_event(f"report: {report}")
-    _push(wf, on_event)
-    return {"name": wf.name, "root": str(wf.root), "stages": state.stages, "report": str(report)}
+    return {"name": wf.name, "root": wf.root, "stages": state.stages, "report": str(report)}

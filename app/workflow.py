@@ -2,7 +2,7 @@
 
 ```yaml
 name: demo                       # a Ray Job per run of this name; reruns resume
-root: runs/demo                  # storage root: a local path, or a URI (s3://, gs://, file://, ...)
+root: runs/demo                  # storage root: a local path, or a URI (s3://, gs://, ...) used directly
 tiny_zoo: runs/demo/zoo          # optional: write the tiny model zoo here first (the embedded default)
 ray: {num_cpus: 4}               # the cluster (address) or the local instance, for every stage
 stages:                          # any subset, run in the registry's order (stages/registry.py):
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from layton.config import ConfigError, PathStr, RayConfig, Section, parse_yaml, validate, validation_problems
-from layton.storage import is_uri, open_uri, staging_dir
+from layton.config import ConfigError, PathStr, RayConfig, Section, from_file, parse_yaml, validate, validation_problems
+from layton.storage import Root, absolute, check_scheme, is_uri
 from stages.base import Stage
 from stages.registry import SECTIONS, STAGES, stages_of
 
@@ -43,12 +43,11 @@ class WorkflowFile(Section):
 @dataclass
 class Workflow:
     name: str
-    root: Path
+    root: str  # a local path (absolute) or a URI: every stage reads and writes it directly
     source: str  # the file (or "<env LAYTON_WORKFLOW>") named in errors
     raw: dict  # the file as written
     tiny_zoo: Path | None
     ray: RayConfig
-    remote: str | None = None  # a cloud URI root; `root` is then its local staging copy
     configs: dict[str, BaseModel] = field(default_factory=dict)  # section -> validated stage config
 
     def stages(self) -> list[tuple[Stage, BaseModel]]:
@@ -66,24 +65,21 @@ def parse_workflow(text: str, source: str) -> Workflow:
     unknown = [s for s in wf.stages if s not in SECTIONS]
     if unknown:
         raise ConfigError(f"{source}: stages.{unknown[0]}: unknown stage (stages are {', '.join(SECTIONS)})")
-    remote = None
-    if is_uri(wf.root):  # stages work in a local staging copy, mirrored to the URI (layton/storage.py)
+    if is_uri(wf.root):
         try:
-            open_uri(wf.root)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"{source}: {e}") from None
-        remote, root = wf.root, staging_dir(wf.name, wf.root)
-    else:
-        root = Path(wf.root).resolve()
-    out = Workflow(wf.name, root, source, raw, Path(wf.tiny_zoo) if wf.tiny_zoo else None, wf.ray, remote)
+            check_scheme(wf.root)
+        except ValueError as e:
+            raise ConfigError(f"{source}: root: {e}") from None
+    root = absolute(wf.root)
+    out = Workflow(wf.name, root, source, raw, Path(wf.tiny_zoo) if wf.tiny_zoo else None, wf.ray)
     problems = []
     for section, cls in SECTIONS.items():  # the registry's order, whatever the file's order
         if section not in wf.stages:
             continue
-        data = stages_of(section)[0]().with_defaults(copy.deepcopy(wf.stages[section] or {}), str(root), out.configs)
+        data = stages_of(section)[0]().with_defaults(copy.deepcopy(wf.stages[section] or {}), root, out.configs)
         data["ray"] = wf.ray.model_dump(mode="json")  # one cluster for the whole workflow
         try:
-            out.configs[section] = cls.model_validate(data)
+            out.configs[section] = from_file(data, cls)
         except ValidationError as e:
             problems += validation_problems(e, f"stages.{section}.")
     if problems:
@@ -98,19 +94,28 @@ def load_workflow(path: str | Path) -> Workflow:
     return parse_workflow(path.read_text(), str(path))
 
 
+def _within(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
 def check_links(wf: Workflow) -> None:
     """A stage whose input neither exists nor is written by an earlier stage fails here, naming it —
-    before the zoo, Ray or any stage starts."""
-    produced: set[Path] = set()
-    # The tiny zoo is written, and a URI root's contents pulled, when the run starts.
-    provided = [p for p in (wf.tiny_zoo, wf.root if wf.remote else None) if p is not None]
+    before the zoo, Ray or any stage starts. Inputs may be local paths or URIs alike."""
+    produced: set[str] = set()
+    provided = [str(wf.tiny_zoo.resolve())] if wf.tiny_zoo else []  # written when the run starts
     for stage, cfg in wf.stages():
         for name, path in stage.inputs(cfg):
-            p = Path(path).resolve()
-            if not (p.exists() or p in produced or any(p.is_relative_to(z) for z in provided)):
+            p = absolute(path)
+            if p in produced or any(_within(p, z) for z in provided):
+                continue
+            try:
+                found = Root(p).exists()
+            except (OSError, ValueError) as e:
+                raise OSError(f"{wf.source}: stages.{stage.section}.{name}: {path}: cannot be read ({e})") from None
+            if not found:
                 raise FileNotFoundError(f"{wf.source}: stages.{stage.section}.{name}: {path} does not exist and no "
                                         "earlier stage of this workflow writes it")
-        produced |= {Path(p).resolve() for p in stage.outputs(cfg)}
+        produced |= {absolute(p) for p in stage.outputs(cfg)}
 
 
 def preflight(wf: Workflow) -> None:

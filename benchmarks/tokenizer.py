@@ -294,7 +294,7 @@ def bench_ray_train(config, args) -> dict:
 
     from workflows.train_tokenizer import run_tokenizer_stage
 
-    assert not config.stage_dir(1).exists(), "a fresh storage dir: the run must not resume"
+    assert not Path(config.stage_dir(1)).exists(), "a fresh storage dir: the run must not resume"
     # Started here rather than by run_tokenizer_stage (same settings as config.ray) only to keep the
     # workers' logs off this table; its start-up is timed and added to the wall time.
     t0 = time.perf_counter()
@@ -308,7 +308,7 @@ def bench_ray_train(config, args) -> dict:
     t2 = time.perf_counter()
     assert not result.skipped and result.step == args.train_steps, result
     # Every logging window's samples/s, from the run's TensorBoard (result.metrics holds only the last).
-    ea = EventAccumulator(str(config.stage_dir(1) / "tensorboard"))
+    ea = EventAccumulator(str(Path(config.stage_dir(1)) / "tensorboard"))
     ea.Reload()
     windows = [(e.step, e.value) for e in ea.Scalars("stage1/samples_per_s")]
     return {"ray_init": t1 - t0, "call": result.seconds, "wall": t2 - t0, "final": result.metrics.get("samples_per_s"),

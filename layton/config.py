@@ -15,6 +15,7 @@ Two annotations carry what the rest of the code needs to know about a field:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -32,7 +33,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Floats finite: a NaN threshold would reject every sample. (Strict types come with `from_file`.)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _cached_hub_id(path: str) -> bool:
@@ -103,13 +105,27 @@ class TrainRunConfig(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: Runtime[bool] = False
     cpus_per_worker: Runtime[float] = Field(1.0, gt=0)
+    # How Ray places the workers (ScalingConfig.placement_strategy): PACK fills nodes, SPREAD spreads them.
+    placement_strategy: Runtime[Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]] = "PACK"
     seed: int = 0
+
+
+class TrainDataConfig(Section):
+    """How a training job reads its rows (the data sections of the training stages build on it)."""
+
+    shuffle_seed: int = 0
+    shuffle_files: bool = True  # the data set's files in a new order every epoch (seeded by shuffle_seed)
+    shuffle_buffer: Runtime[int] = Field(256, ge=0)  # rows of each worker's local shuffle buffer; 0: off
+    read_cpus: Runtime[float] = Field(1.0, gt=0)  # per Ray Data read task: kept free of the training workers
+    # Keep each worker's rows in memory after the first epoch (small data sets: the demo, tests);
+    # large ones stream every epoch from Ray Data.
+    cache_in_memory: Runtime[bool] = False
 
 
 class SamplingConfig(Section):
     """LaytonGen sampling: training's sample grids, GenEval and COCO generation."""
 
-    cfg_scale: float = Field(7.5, ge=0)  # 1: no guidance
+    cfg_scale: float = Field(7.5, ge=0)  # <= 1: no guidance (LlamaGen's rule)
     temperature: float = Field(1.0, ge=0)
     top_k: int = Field(1000, ge=0)  # 0: off
     top_p: float = Field(1.0, gt=0, le=1)  # 1: off
@@ -154,9 +170,16 @@ def parse_yaml(text: str, source: str) -> dict:
     return raw
 
 
+def from_file(data: dict, cls: type[S]) -> S:
+    """`cls` from data a user wrote (YAML), strictly: numbers must be numbers (no '-1.0', True or
+    '8' for 8), integers integers (8.0 is not one), booleans booleans ('yes' is not one). Through
+    JSON because there strict mode still takes a list for a tuple, as YAML writes one."""
+    return cls.model_validate_json(json.dumps(data, default=str), strict=True)
+
+
 def validate(raw: dict, cls: type[S], source: str) -> S:
     try:
-        return cls.model_validate(raw)
+        return from_file(raw, cls)
     except ValidationError as e:
         raise ConfigError(f"{source}: " + "; ".join(validation_problems(e))) from None
 

@@ -4,10 +4,12 @@ FaceScore (OPPO-Mente-Lab/FaceScore) detects faces with batch-face's RetinaFace 
 weights fetched from a URL at first use), keeps detections with confidence >= 0.9, and crops each
 box with a one-pixel margin: rows int(y0 - 1) : int(y1 + 1), columns int(x0 - 1) : int(x1 + 1) of
 the RGB image (no squaring, no resize: the crop then goes through ImageReward's 224 px
-Resize + CenterCrop preprocessing). RetinaFace's weights cannot be had offline, and OpenCV 5 no
-longer ships its cascade classifier nor the Haar cascade files, so the default detector here is
-the LBP frontal-face cascade that scikit-image bundles (OpenCV's own `lbpcascade_frontalface.xml`,
-in OpenCV's XML format), run by `skimage.feature.Cascade`. It has no confidence score:
+Resize + CenterCrop preprocessing). Given those weights as a file (`mobilenet0.25_Final.pth`, or
+`Resnet50_Final.pth`), `make_face_detector` returns upstream's detector (`layton.retinaface`).
+Without them — they cannot be had offline, and OpenCV 5 no longer ships its cascade classifier nor
+the Haar cascade files — the default detector here is the LBP frontal-face cascade that
+scikit-image bundles (OpenCV's own `lbpcascade_frontalface.xml`, in OpenCV's XML format), run by
+`skimage.feature.Cascade`. It has no confidence score:
 `min_neighbors` (overlapping raw detections needed to keep a face) plays the role of the 0.9
 threshold. Any OpenCV-format LBP cascade file can be given instead.
 
@@ -99,6 +101,16 @@ class CascadeFaceDetector:
             (d["c"] * sx, d["r"] * sy, (d["c"] + d["width"]) * sx, (d["r"] + d["height"]) * sy) for d in found
         ]
         return sorted(boxes, key=lambda b: (-(b[2] - b[0]) * (b[3] - b[1]), b[1], b[0]))
+
+
+def make_face_detector(path: str | Path | None = None, device="cpu"):
+    """The detector a configured path names: None -> scikit-image's LBP cascade, an `.xml` -> that
+    OpenCV LBP cascade, anything else -> RetinaFace release weights (`layton.retinaface`)."""
+    if path is None or Path(path).suffix.lower() == ".xml":
+        return CascadeFaceDetector(path)
+    from layton.retinaface import RetinaFaceDetector
+
+    return RetinaFaceDetector(path, device=device)
 
 
 def crop_box(box: Box, width: int, height: int, margin: int = 1) -> tuple[int, int, int, int]:

@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import uuid
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +51,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from layton.completion import mark_complete
+from layton.completion import RECORD, mark_complete
+from layton.storage import Root, join
 from layton.tables import Table
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -227,71 +226,74 @@ def read_metadata(path: str | Path) -> list[GenEvalPrompt]:
 # Sample folders
 
 
-def sample_dir(outdir: str | Path, index: int) -> Path:
-    return Path(outdir) / f"{index:05d}"
+def sample_dir(outdir: str | Path, index: int) -> str:
+    """`<outdir>/<index:05d>` (a local path or a URI)."""
+    return join(outdir, f"{index:05d}")
 
 
 def write_sample_dir(outdir: str | Path, prompt: GenEvalPrompt, images: Sequence[Image.Image],
-                     fingerprint: str) -> Path:
-    """Write one prompt's folder in GenEval's layout; returns `<outdir>/<index:05d>`.
+                     fingerprint: str) -> str:
+    """Write one prompt's folder in GenEval's layout under `outdir` (a local path or a URI); returns
+    `<outdir>/<index:05d>`. An existing folder for the same index is replaced.
 
-    The folder is assembled under a dot-name (which GenEval's evaluator and `read_sample_dirs`
-    skip) and renamed into place, so a reader never sees half a folder. An existing folder for the
-    same index is replaced. The folder's completion record (with the generation settings'
-    `fingerprint`) is written last, before the rename.
+    The folder is assembled in a local temp directory and put in place with `Root.put_dir`: on a
+    local disk whole at once (a rename; the completion record, with the generation settings'
+    `fingerprint`, inside it), on an object store file by file, the old record deleted first and
+    the new one written last, so a folder cut by a kill is never taken for complete.
     """
     if not images:
         raise ValueError(f"prompt {prompt.index} ({prompt.prompt!r}): no images to write")
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    final = sample_dir(outdir, prompt.index)
-    tmp = outdir / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        (tmp / "samples").mkdir(parents=True)
+    root, name = Root(outdir), f"{prompt.index:05d}"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / name
+        (folder / "samples").mkdir(parents=True)
         # GenEval writes the metadata object with json.dump (one line, no newline).
-        (tmp / "metadata.jsonl").write_text(json.dumps(prompt.raw), encoding="utf-8")
+        (folder / "metadata.jsonl").write_text(json.dumps(prompt.raw), encoding="utf-8")
         for k, image in enumerate(images):
-            image.save(tmp / "samples" / f"{k:04d}.png")
-        mark_complete(tmp, fingerprint, images=len(images))
-        if final.exists():
-            old = outdir / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            image.save(folder / "samples" / f"{k:04d}.png")
+        if root.local:
+            mark_complete(folder, fingerprint, images=len(images))
+            root.put_dir(folder, name)
         else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+            root.sub(name).delete(RECORD)
+            root.put_dir(folder, name)
+            mark_complete(root.sub(name), fingerprint, images=len(images))
+    return sample_dir(outdir, prompt.index)
 
 
 _SAMPLE_NAME = re.compile(r"\d+\.png")
 
 
-def read_sample_dirs(outdir: str | Path) -> list[tuple[dict, list[Path]]]:
-    """Every prompt folder of a GenEval output directory, in index order: (metadata, image paths).
+def read_sample_dirs(outdir: str | Path) -> list[tuple[dict, list[str]]]:
+    """Every prompt folder of a GenEval output directory (a local path or a URI), in index order:
+    (metadata, image locations).
 
     Reads what GenEval's evaluator reads (all-digit folder names, `samples/<digits>.png`); the
-    metadata is validated like a metadata line (errors name the metadata.jsonl file).
+    metadata is validated like a metadata line (errors name the metadata.jsonl file). One listing
+    of the directory, then one read per folder's metadata.
     """
-    outdir = Path(outdir)
-    if not outdir.is_dir():
+    root = Root(outdir)
+    if not root.is_dir():
         raise FileNotFoundError(f"GenEval sample directory {outdir} does not exist")
+    folders: dict[str, list[str]] = {}
+    for rel in root.list(recursive=True):
+        parts = rel.split("/")
+        if parts[0].isdigit():
+            samples = folders.setdefault(parts[0], [])
+            if len(parts) == 3 and parts[1] == "samples" and _SAMPLE_NAME.fullmatch(parts[2]):
+                samples.append(parts[2])
     found = []
-    for folder in sorted((p for p in outdir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-        meta_path = folder / "metadata.jsonl"
+    for folder in sorted(folders, key=int):
+        meta_path = join(outdir, folder, "metadata.jsonl")
+        blob = root.read(f"{folder}/metadata.jsonl")
+        if blob is None:
+            raise ValueError(f"{meta_path}: missing (every GenEval sample folder holds its metadata)")
         try:
-            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ValueError(f"{meta_path}: missing (every GenEval sample folder holds its metadata)") from None
-        except json.JSONDecodeError as e:
+            metadata = json.loads(blob.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{meta_path}:1: not valid JSON ({e})") from None
         validate_metadata(metadata, f"{meta_path}:1")
-        samples = folder / "samples"
-        images = sorted((p for p in samples.iterdir() if p.is_file() and _SAMPLE_NAME.fullmatch(p.name)),
-                        key=lambda p: int(p.stem)) if samples.is_dir() else []
-        found.append((metadata, images))
+        found.append((metadata, [join(outdir, folder, "samples", f) for f in sorted(folders[folder], key=lambda f: int(f[:-4]))]))
     return found
 
 
@@ -368,14 +370,21 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float], threshold:
 def select_objects(detections: Sequence[Detection], tag: str,
                    rules: GenEvalRules = DEFAULT_RULES) -> dict[str, list[Detection]]:
     """The detections GenEval keeps, per class, best score first: score threshold, at most
-    `max_objects`, then greedy NMS (off at the default `nms_threshold` 1.0)."""
-    threshold = rules.counting_threshold if tag == "counting" else rules.threshold
+    `max_objects`, then greedy NMS (off at the default `nms_threshold` 1.0).
+
+    Ordered as evaluate_images.py orders mmdet's float32 scores, `np.argsort(scores)[::-1]` over the
+    class's detections in the given order: equal scores (in float32) come later one first, and the
+    threshold is compared in float32 too."""
+    threshold = np.float32(rules.counting_threshold if tag == "counting" else rules.threshold)
     by_class: dict[str, list[Detection]] = {}
     for d in detections:
         by_class.setdefault(d.label, []).append(d)
     kept: dict[str, list[Detection]] = {}
     for label, dets in by_class.items():
-        order = sorted((d for d in dets if d.score > threshold), key=lambda d: -d.score)[: rules.max_objects]
+        scores = np.array([d.score for d in dets], dtype=np.float32)
+        ranked = np.argsort(scores)[::-1]
+        ranked = ranked[scores[ranked] > threshold][: rules.max_objects]
+        order = [dets[i] for i in ranked.tolist()]
         chosen = []
         while order:
             best = order.pop(0)

@@ -1,9 +1,12 @@
 """Sampling image tokens from the GPT: KV cache, classifier-free guidance, top-k / top-p / temperature.
 
 CFG follows LlamaGen: the unconditional caption is the model's `uncond_embedding` under the same
-caption mask, and ℓ = ℓ_u + s·(ℓ_c − ℓ_u). `cfg_mode="batch"` runs conditional and unconditional
-rows as one forward of 2B rows (one weight read per step, LlamaGen's way); "two_pass" runs them as
-two B-row forwards with their own caches (for comparison); "off" samples from ℓ_c alone.
+caption mask, and ℓ = ℓ_u + s·(ℓ_c − ℓ_u) — but only when s > 1. For s <= 1 (0.5, 0, and 1 itself)
+LlamaGen's `generate()` runs no unconditional rows and samples from ℓ_c alone, and so does this
+sampler (`guides`); s in (0, 1) is not an interpolation towards ℓ_u here. `cfg_mode="batch"` runs
+conditional and unconditional rows as one forward of 2B rows (one weight read per step, LlamaGen's
+way); "two_pass" runs them as two B-row forwards with their own caches (for comparison); "off"
+samples from ℓ_c alone whatever the scale.
 
 Every row draws from its own generator seeded by its seed, so a prompt's tokens do not depend on
 which other prompts share its batch.
@@ -11,7 +14,7 @@ which other prompts share its batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -63,6 +66,11 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generators: list[t
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]).to(logits.device)
 
 
+def guides(params: SamplingParams) -> bool:
+    """Whether sampling uses classifier-free guidance: LlamaGen's `cfg_scale > 1.0` (and a mode that guides)."""
+    return params.cfg_mode != "off" and params.cfg_scale > 1.0
+
+
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
@@ -78,6 +86,8 @@ def generate_tokens(model: GPT, caption: torch.Tensor, caption_mask: torch.Tenso
     """caption (B, 120, caption_dim) left-padded, caption_mask (B, 120) -> (B, num_tokens) image token ids.
 
     `use_cache=False` recomputes the whole sequence every step (the reference the cache must match).
+    Guidance applies only when `params.cfg_scale > 1` (LlamaGen's rule); otherwise the tokens are
+    drawn from the conditional logits alone, exactly as with `cfg_mode="off"`.
     """
     cfg = model.config
     n = num_tokens or cfg.block_size
@@ -91,6 +101,10 @@ def generate_tokens(model: GPT, caption: torch.Tensor, caption_mask: torch.Tenso
     was_training = model.training
     model.eval()
     try:
+        if params.cfg_mode not in ("batch", "two_pass", "off"):
+            raise ValueError(f"unknown cfg_mode {params.cfg_mode!r}")
+        if not guides(params):
+            params = replace(params, cfg_mode="off")
         return _sample(model, caption, caption_mask, b, n, generators, params, use_cache)
     finally:
         model.train(was_training)

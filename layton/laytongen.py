@@ -38,8 +38,9 @@ from PIL import Image
 from layton.gpt import CONFIG_NAME as GPT_CONFIG_NAME
 from layton.gpt import GPT
 from layton.gpt import WEIGHTS_NAME as GPT_WEIGHTS_NAME
-from layton.gpt_sampling import SamplingParams, generate_tokens
+from layton.gpt_sampling import SamplingParams, generate_tokens, guides
 from layton.model_files import ModelFileError, check_file, read_model_index
+from layton.storage import is_uri, local_copy
 from layton.text_encoder import T5TextEncoder
 from layton.tokenizer import INDEX_NAME as TOKENIZER_INDEX
 from layton.tokenizer import LaytonTokenizer
@@ -73,8 +74,9 @@ def _abs(p: str | Path) -> str:
 
 def read_laytongen_index(directory: str | Path, what: str = "LaytonGen directory") -> dict:
     """The parsed `model_index.json` of a LaytonGen directory, checked (class, format, the GPT and
-    tokenizer subfolders); errors name `what` and the path, and say how to convert an old layout."""
-    d = Path(directory)
+    tokenizer subfolders); errors name `what` and the path, and say how to convert an old layout. A URI
+    is read from its local copy (`layton.storage.local_copy`)."""
+    d = local_copy(directory, what)
     legacy = None
     if not (d / INDEX_NAME).is_file() and (d / LEGACY_SPEC_NAME).is_file():
         legacy = ModelFileError(
@@ -99,8 +101,8 @@ def save_laytongen(directory: str | Path, gpt: GPT, *, text_encoder: str | Path,
     gpt.save_pretrained(d / GPT_SUBFOLDER)
     if isinstance(tokenizer, LaytonTokenizer):
         tokenizer.save_pretrained(d / TOKENIZER_SUBFOLDER)
-    elif Path(tokenizer).resolve() != (d / TOKENIZER_SUBFOLDER).resolve():
-        copy_tokenizer(tokenizer, d / TOKENIZER_SUBFOLDER)
+    elif is_uri(tokenizer) or Path(tokenizer).resolve() != (d / TOKENIZER_SUBFOLDER).resolve():
+        copy_tokenizer(tokenizer, d / TOKENIZER_SUBFOLDER)  # a URI: from its local copy
     index = {"_class_name": CLASS_NAME, "format": FORMAT,
              GPT_SUBFOLDER: [GPT.__module__, GPT.__name__], TOKENIZER_SUBFOLDER: ["layton.tokenizer", "LaytonTokenizer"],
              "text_encoder": _abs(text_encoder), "image_size": image_size, "sampling": dict(sampling)}
@@ -113,7 +115,7 @@ def save_laytongen(directory: str | Path, gpt: GPT, *, text_encoder: str | Path,
 def gpt_directory(path: str | Path) -> Path | None:
     """Where the GPT of `path` is: the `gpt/` of a LaytonGen directory, or `path` itself when it is a
     GPT directory (config.json + model.safetensors); None for anything else (e.g. a LlamaGen .pt)."""
-    p = Path(path)
+    p = local_copy(path, "LaytonGen")
     if (p / INDEX_NAME).is_file():
         read_laytongen_index(p)
         return p / GPT_SUBFOLDER
@@ -140,7 +142,7 @@ class LaytonGenPipeline:
         with another tokenizer directory than the one held in `tokenizer/`; `tokenizer_kwargs` go to
         `LaytonTokenizer.from_pretrained` (e.g. `sdxl=`, `vq=` when the upstream weights moved);
         `decoder=False` loads no Layton decoder (token ids only)."""
-        d = Path(directory)
+        d = local_copy(directory, "LaytonGen directory")
         index = read_laytongen_index(d)
         spec = {"text_encoder": text_encoder or index["text_encoder"], "tokenizer": str(tokenizer or d / TOKENIZER_SUBFOLDER),
                 "image_size": index["image_size"], "sampling": index.get("sampling", {})}
@@ -172,8 +174,9 @@ class LaytonGenPipeline:
         params = params or self.default_params()
         caption, mask, empty, feats = self.captions(prompts)
         g = self.gpt.config.grid
-        # Guidance is pointless at scale 1 and for an empty prompt: such rows sample from one pass.
-        rows_cfg = [i for i in range(len(prompts)) if not empty[i] and params.cfg_scale != 1.0]
+        # No guidance for an empty prompt (ℓ_c = ℓ_u) nor at cfg_scale <= 1 (LlamaGen's rule, see
+        # `gpt_sampling.guides`): such rows sample from the conditional pass alone.
+        rows_cfg = [i for i in range(len(prompts)) if not empty[i] and guides(params)]
         rows_plain = [i for i in range(len(prompts)) if i not in rows_cfg]
         tokens = torch.empty(len(prompts), g * g, dtype=torch.long)
         for rows, p in ((rows_cfg, params), (rows_plain, SamplingParams(**{**params.__dict__, "cfg_mode": "off"}))):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -22,9 +23,9 @@ class ModelFileError(FileNotFoundError):
     """A configured model path that is absent or unreadable; the message names it."""
 
 
-def _check_json(path: Path, what: str) -> None:
+def _check_json(path: Path, what: str):
     try:
-        json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelFileError(f"{what}: {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -77,8 +78,78 @@ def _hub_snapshot(repo_id: str, what: str) -> Path:
         ) from None
 
 
+def _check_weights(d: Path, what: str) -> None:
+    """A model directory's weights: every shard a `*.safetensors.index.json` (or transformers' older
+    `*.bin.index.json`) names, or one `*.safetensors` (or `.bin`, which loaders read `weights_only`)."""
+    indexes = sorted(d.glob("*.safetensors.index.json")) + sorted(d.glob("*.bin.index.json"))
+    for index in indexes:
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFileError(f"{what}: {index} is not a weights index (no readable weight_map: {e!r:.200})") from None
+        for shard in sorted(map(str, shards)):
+            # A shard is a file beside its index; a path that leaves the directory is no release's.
+            if Path(shard).name != shard or shard in ("", ".", ".."):
+                raise ModelFileError(f"{what}: {index} names a shard outside its directory: {shard!r:.200}")
+            if not (d / shard).is_file():
+                raise ModelFileError(f"{what}: {d / shard} does not exist (a shard named by {index.name})")
+    singles = sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin"))
+    if not indexes and not singles:
+        config = _check_json(d / "config.json", what)
+        diffusers = isinstance(config, dict) and "_diffusers_version" in config
+        name = "diffusion_pytorch_model.safetensors" if diffusers else "model.safetensors"
+        raise ModelFileError(f"{what}: {d / name} does not exist (no weights in {d}: neither *.safetensors "
+                             "nor *.safetensors.index.json with its shards)")
+
+
+def _check_tokenizer(d: Path, what: str) -> None:
+    """`tokenizer_config.json` and a vocabulary: `tokenizer.json`, or the slow tokenizer's files."""
+    _check_json(d / "tokenizer_config.json", what)
+    if (d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file() or any(d.glob("*.model")):
+        return  # fast tokenizer / WordPiece / SentencePiece
+    if (d / "vocab.json").is_file():  # BPE (CLIP, Qwen2) needs its merges too
+        if not (d / "merges.txt").is_file():
+            raise ModelFileError(f"{what}: {d / 'merges.txt'} does not exist (the BPE merges beside vocab.json)")
+        return
+    raise ModelFileError(f"{what}: {d / 'tokenizer.json'} does not exist (nor vocab.json + merges.txt, vocab.txt "
+                         f"or spiece.model: {d} holds no tokenizer vocabulary)")
+
+
+def _check_component(d: Path, what: str, class_name: str) -> None:
+    """One subfolder of a diffusers pipeline, checked by what `save_pretrained` writes for its class."""
+    if not d.is_dir():
+        raise ModelFileError(f"{what}: {d} does not exist (model_index.json names it: {class_name})")
+    if "Scheduler" in class_name:
+        _check_json(d / "scheduler_config.json", what)
+    elif "Tokenizer" in class_name:
+        _check_tokenizer(d, what)
+    elif class_name.endswith(("ImageProcessor", "FeatureExtractor")):
+        _check_json(d / "preprocessor_config.json", what)
+    else:  # a model: its config and its weights
+        _check_json(d / "config.json", what)
+        _check_weights(d, what)
+
+
+def _check_pipeline(p: Path, what: str) -> None:
+    """Every component the pipeline's `model_index.json` names with a library and a class."""
+    index = json.loads((p / "model_index.json").read_text())
+    if not isinstance(index, dict):
+        raise ModelFileError(f"{what}: {p / 'model_index.json'} is not a JSON object")
+    for name, entry in sorted(index.items()):
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
+            continue  # _class_name, _diffusers_version, flags such as force_zeros_for_empty_prompt
+        library, class_name = entry
+        if library is None or class_name is None:
+            continue  # an optional component the pipeline does not use (feature_extractor: [null, null])
+        _check_component(p / name, f"{what} ({name}/)", str(class_name))
+
+
 def check_model_dir(path: str | Path, what: str, marker: str = "config.json") -> Path:
-    """A `save_pretrained` directory: `marker` must parse and every safetensors header must read."""
+    """A `save_pretrained` directory: `marker` must parse and every safetensors header must read.
+
+    A model directory (`config.json`) must hold its weights (every shard its index names); a pipeline
+    (`model_index.json`) every component its index names. So a partial download fails here, naming
+    the missing file, and not minutes later in a Ray actor."""
     p = Path(path)
     if not p.exists():
         looks_like_hub_id = str(path).count("/") == 1 and not str(path).startswith((".", "/"))
@@ -88,6 +159,12 @@ def check_model_dir(path: str | Path, what: str, marker: str = "config.json") ->
     if not p.is_dir():
         raise ModelFileError(f"{what}: {p} is not a directory")
     _check_json(p / marker, what)
+    if marker == "config.json":
+        _check_weights(p, what)
+    elif marker == "model_index.json":
+        _check_pipeline(p, what)
+    elif marker == "tokenizer_config.json":
+        _check_tokenizer(p, what)
     for weights in sorted(p.rglob("*.safetensors")):
         _check_safetensors(weights, what)
     return p
@@ -101,8 +178,14 @@ def check_synth_models(config) -> None:
     check_file(ir.med_config, "scoring.imagereward.med_config")
     check_model_dir(ir.tokenizer, "scoring.imagereward.tokenizer", marker="tokenizer_config.json")
     check_file(config.scoring.mps.checkpoint, "scoring.mps.checkpoint")
-    check_model_dir(config.scoring.mps.processor, "scoring.mps.processor", marker="preprocessor_config.json")
-    check_model_dir(config.recaption.model, "recaption.model")
+    mps = check_model_dir(config.scoring.mps.processor, "scoring.mps.processor", marker="preprocessor_config.json")
+    _check_tokenizer(mps, "scoring.mps.processor")  # a CLIPProcessor: its tokenizer too
+    qwen = check_model_dir(config.recaption.model, "recaption.model")
+    # AutoProcessor reads the tokenizer and the image processor from the same directory.
+    _check_tokenizer(qwen, "recaption.model")
+    if not any((qwen / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")):
+        raise ModelFileError(f"recaption.model: {qwen / 'preprocessor_config.json'} does not exist "
+                             "(nor processor_config.json: the image processor's settings)")
 
 
 def read_model_index(directory: str | Path, class_name: str, fmt: str, what: str, kind: str,
@@ -129,6 +212,33 @@ def read_model_index(directory: str | Path, class_name: str, fmt: str, what: str
     return index
 
 
+class RefusedPickleError(ValueError):
+    """A `.pt` that holds more than tensors: `torch.load(weights_only=True)` refused it; the message names it."""
+
+
+def refused_pickle_message(what: str, path: str | Path, reason: str = "") -> str:
+    """The one message for a refused pickle, wherever it is loaded. torch's own text is left out on
+    purpose: it suggests `weights_only=False` or allowlisting the global, i.e. running the file's code."""
+    names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", reason)))
+    named = f" (it names {', '.join(names)})" if names else ""
+    return (f"{what}: {path} holds pickled code or objects that are not plain tensors{named}; refusing to unpickle "
+            "it: only weights are loaded from .pt files. Re-save it as a plain state dict of tensors or as "
+            "safetensors (`layton convert mps SRC DST` reads the tensors of a pickled module without running its code)")
+
+
+def load_torch_file(path: str | Path, what: str, map_location="cpu", mmap: bool = False):
+    """`torch.load(path, weights_only=True)`: the one place the project unpickles a `.pt`, so that a file
+    holding code is refused with one message (`RefusedPickleError`) and an unreadable one names itself."""
+    try:
+        # LlamaGen's training scripts also pickle their argparse.Namespace ("args"): plain data, allowed.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise RefusedPickleError(refused_pickle_message(what, path, str(err))) from None
+    except (RuntimeError, EOFError) as err:  # truncated or not a torch.save file at all
+        raise ValueError(f"{what}: {path} cannot be read as a torch checkpoint ({str(err)[:300]})") from None
+
+
 def load_torch_state_dict(path: str | Path, what: str, map_location="cpu", mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of an upstream `.pt` release, read with `weights_only=True` (no pickled code runs).
 
@@ -139,15 +249,7 @@ def load_torch_state_dict(path: str | Path, what: str, map_location="cpu", mmap:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} checkpoint not found: {path}")
-    try:
-        # LlamaGen's training scripts also pickle their argparse.Namespace ("args"): plain data, allowed.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1][:300]
-        raise ValueError(f"{path}: refusing to unpickle a checkpoint that holds more than tensors ({reason})") from err
-    except (RuntimeError, EOFError) as err:  # truncated or not a torch.save file at all
-        raise ValueError(f"{path}: cannot read as a torch checkpoint ({str(err)[:300]})") from err
+    obj = load_torch_file(path, what, map_location, mmap)
     if isinstance(obj, dict):
         for key in ("model", "module", "state_dict"):
             if isinstance(obj.get(key), dict):

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import copy
 import json
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from layton.model_files import ModelFileError, check_file, check_model_dir, load_torch_state_dict
+from layton.model_files import ModelFileError, check_file, check_model_dir, load_torch_file, load_torch_state_dict
 
 CONFIG_NAME = "open_clip_config.json"
 # What open_clip's `_find_checkpoint_in_dir` picks up in a local directory (it prefers these names).
@@ -57,6 +58,11 @@ def _hub_dir(path_or_id: str | Path) -> Path:
         )
     for p in weights:
         check_file(p, what)
+    if not any(p.suffix == ".safetensors" for p in weights):
+        # open_clip will torch.load a pickle: read it here first (tensors mapped, not read), so that a
+        # file holding code is refused with the project's message rather than open_clip's.
+        for p in weights:
+            load_torch_file(p, what, mmap=zipfile.is_zipfile(p))
     return directory
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from layton.model_files import ModelFileError
+from layton.model_files import ModelFileError, load_torch_file
 
 # torchvision's release file of each backbone (download.pytorch.org/models/<name>)
 TORCHVISION_RELEASE_FILES = {
@@ -72,7 +72,7 @@ def load_lpips_backbone(model: torch.nn.Module, path: str | Path) -> None:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, "LPIPS backbone")
     if not isinstance(state, dict):
         raise ValueError(f"LPIPS backbone {path}: expected a state dict, got {type(state).__name__}")
 

@@ -77,8 +77,8 @@ def ssim(a, b) -> float:
 def to_uint8_rgb(image, size: int) -> np.ndarray:
     """Any PIL image (L, RGBA, P, CMYK, I;16, ...) or uint8 HW/HWC array -> (size, size, 3) uint8 RGB,
     exactly as `layton.tokenizer.images_to_tensor` prepares tokenizer inputs (`layton.vq.preprocess`:
-    PIL `convert("RGB")` — alpha dropped, not composited; P goes through RGBA —, shorter side resized
-    to `size` bicubic with antialiasing, centre crop), mapped back from [-1, 1] to uint8 by rounding."""
+    PIL `convert("RGB")` — alpha dropped, not composited; P goes through RGBA —, then LlamaGen's
+    `center_crop_arr`), mapped back from [-1, 1] to uint8 by rounding."""
     x = preprocess([image], size)[0]
     return ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 

@@ -1,27 +1,72 @@
-"""A workflow root on a cloud URI: stages run in a local staging directory mirrored to the URI.
+"""Where a run's files live: a local directory or an object store (`s3://`, `gs://`, ...), one API.
 
-The stages write with local file APIs (shard writers, Ray Train's storage, PNGs), so a root such as
-`s3://bucket/runs/x` is worked on in `$LAYTON_STAGING/<name>-<hash>` (default
-`~/.cache/layton/staging`): pulled from the URI before the run (a run resumes from what the URI
-holds, on any machine) and pushed after every stage, so the URI always has each finished stage.
-Any filesystem pyarrow opens from a URI (s3, gs, abfs, hdfs, file) is used directly; other
-schemes go through fsspec. On a multi-node cluster the staging directory must be on storage that
-every node sees (set $LAYTON_STAGING), as for any local root.
+Every stage reads and writes its root through `Root` (pyarrow.fs): shards, precompute files, Ray
+Train checkpoints, history lines, grids, generated images, results and the workflow state go
+straight to the bucket as they are produced, so a run killed anywhere resumes on any machine from
+the root alone, and no node needs a disk that another sees. Any filesystem pyarrow opens from a URI
+(s3, gs, abfs, hdfs, file) is used directly; other schemes go through fsspec. Credentials and
+endpoints come from the standard places (`AWS_ENDPOINT_URL`, `AWS_PROFILE`, instance roles, ...):
+a config holds no secrets.
+
+What must be a local directory to be used (a model directory that a stage exported to the root and
+a later one loads) is pulled once into the node's cache with `local_copy`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-SYNC_MARKER = ".layton_synced"  # local mtime of the last push: later files are pushed again
+log = logging.getLogger(__name__)
 
 
-def is_uri(root: str) -> bool:
-    return "://" in root
+def is_uri(root: str | Path) -> bool:
+    return "://" in str(root)
+
+
+def join(location: str | Path, *names: str) -> str:
+    """`location/name/...` for a local path or a URI alike (pathlib would fold `s3://` to `s3:/`)."""
+    out = str(location)
+    for n in names:
+        out = f"{out.rstrip('/')}/{n}" if is_uri(out) else str(Path(out) / n)
+    return out
+
+
+def parent(location: str | Path) -> str:
+    s = str(location).rstrip("/")
+    return s.rsplit("/", 1)[0] if is_uri(s) else str(Path(s).parent)
+
+
+def basename(location: str | Path) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def absolute(location: str | Path) -> str:
+    """A URI as written; a local path made absolute (what fingerprints and records hold)."""
+    return str(location) if is_uri(location) else str(Path(location).resolve())
+
+
+PYARROW_SCHEMES = {"s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file", "local", "mock"}
+
+
+def check_scheme(uri: str) -> None:
+    """Fails naming the URI when no filesystem handles its scheme. Contacts nothing (validation must
+    not wait on the network: pyarrow's `from_uri` asks S3 for the bucket's region)."""
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme in PYARROW_SCHEMES:
+        return
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"{uri}: no pyarrow or fsspec filesystem handles {scheme}:// ({e})") from None
 
 
 def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -35,54 +80,60 @@ def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
 
         fs, path = fsspec.core.url_to_fs(uri)
     except (ImportError, ValueError) as e:
-        raise ValueError(f"root: {uri}: no pyarrow or fsspec filesystem handles it ({e})") from None
+        raise ValueError(f"{uri}: no pyarrow or fsspec filesystem handles it ({e})") from None
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-def staging_dir(name: str, uri: str) -> Path:
-    base = Path(os.environ.get("LAYTON_STAGING", "~/.cache/layton/staging")).expanduser()
-    return (base / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:10]}").resolve()
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI: what Ray Data and Ray Train take."""
+    root = Root(location)
+    return root.fs, root.path
 
 
-def _copy(src_fs, src: str, dst_fs, dst: str) -> None:
-    with src_fs.open_input_stream(src) as fin, dst_fs.open_output_stream(dst) as fout:
-        while chunk := fin.read(8 << 20):
-            fout.write(chunk)
+def local_copy(location: str | Path, what: str = "") -> Path:
+    """A local directory holding `location`'s files: the path itself when local; for a URI, a copy in
+    `$LAYTON_CACHE/remote` (default `~/.cache/layton/remote`) pulled once and refreshed where a
+    file's size or modification time changed (a model directory re-exported in the bucket)."""
+    if not is_uri(location):
+        return Path(location)
+    src = Root(location)
+    files = src.list_info(recursive=True)
+    if not files:
+        raise FileNotFoundError(f"{what + ': ' if what else ''}{location}: no files there")
+    base = Path(os.environ.get("LAYTON_CACHE", "~/.cache/layton")).expanduser() / "remote"
+    dest = base / f"{hashlib.sha256(str(location).encode()).hexdigest()[:12]}-{basename(location)}"
+    manifest = dest / ".layton_manifest.json"
+    try:
+        have = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        have = {}
+    # A store that gives no modification time (0) cannot say a file is unchanged: it is pulled again.
+    todo = {rel: meta for rel, meta in files.items()
+            if have.get(rel) != meta or not meta[1] or not (dest / rel).is_file()}
+    for rel in todo:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        with src.fs.open_input_stream(src.join(rel)) as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 8 << 20)
+        os.replace(tmp, target)
+    for rel in set(have) - set(files):  # gone from the bucket: gone from the copy
+        (dest / rel).unlink(missing_ok=True)
+    if todo or set(have) != set(files):
+        log.warning("%s%s: %d file(s) pulled into the local cache %s", what + ": " if what else "", location,
+                    len(todo), dest)
+        _write_atomic(manifest, json.dumps(files).encode())
+    return dest
 
 
-def pull(uri: str, local: Path) -> int:
-    """Copy the files under `uri` missing locally or of another size. Returns how many."""
-    fs, root = open_uri(uri)
-    local_fs, n = pafs.LocalFileSystem(), 0
-    for rel, size in Root(uri).list(recursive=True).items():
-        dest = local / rel
-        if dest.is_file() and dest.stat().st_size == size:
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _copy(fs, f"{root.rstrip('/')}/{rel}", local_fs, str(dest))
-        n += 1
-    (local / SYNC_MARKER).touch()
-    return n
-
-
-def push(local: Path, uri: str) -> int:
-    """Copy the local files that are new, changed in size or written since the last push. Returns how many."""
-    fs, root = open_uri(uri)
-    marker = local / SYNC_MARKER
-    since = marker.stat().st_mtime if marker.is_file() else 0.0
-    remote = Root(uri).list(recursive=True)
-    local_fs, n = pafs.LocalFileSystem(), 0
-    marker.touch()  # before the scan: a file written during it goes again next time
-    for f in sorted(p for p in local.rglob("*") if p.is_file() and p.name != SYNC_MARKER):
-        rel = f.relative_to(local).as_posix()
-        st = f.stat()
-        if remote.get(rel) == st.st_size and st.st_mtime <= since:  # (timestamps tick in ms, not ns)
-            continue
-        dest = f"{root.rstrip('/')}/{rel}"
-        fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-        _copy(local_fs, str(f), fs, dest)
-        n += 1
-    return n
+def _write_atomic(final: Path, data: bytes) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
 
 
 class Root:
@@ -118,31 +169,73 @@ class Root:
     def _fail(self, op: str, name: str, err: Exception):
         return OSError(f"{self.location.rstrip('/')}/{name}: {op} failed: {err}")
 
-    def exists(self) -> bool:
-        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
-
     def mkdir(self) -> None:
         try:
             self.fs.create_dir(self.path, recursive=True)
         except OSError as e:
             raise self._fail("create directory", "", e) from None
 
+    def exists(self, name: str = "") -> bool:
+        return self.fs.get_file_info(self.join(name) if name else self.path).type != pafs.FileType.NotFound
+
+    def is_dir(self, name: str = "") -> bool:
+        """A directory (locally), or a prefix with objects below it (on an object store)."""
+        return self.fs.get_file_info(self.join(name) if name else self.path).type == pafs.FileType.Directory
+
     def write(self, name: str, data: bytes) -> None:
         try:
             if self.local:
-                final = Path(self.join(name))
-                final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
+                _write_atomic(Path(self.join(name)), data)
             else:
                 with self.fs.open_output_stream(self.join(name)) as f:
                     f.write(data)
         except OSError as e:
             raise self._fail("write", name, e) from None
+
+    def write_file(self, name: str, local: str | Path) -> None:
+        """A local file's bytes at `name` (streamed: checkpoints and event files can be large)."""
+        try:
+            if self.local:
+                final = Path(self.join(name))
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+                shutil.copyfile(local, tmp)
+                os.replace(tmp, final)
+            else:
+                with open(local, "rb") as fin, self.fs.open_output_stream(self.join(name)) as fout:
+                    shutil.copyfileobj(fin, fout, 8 << 20)
+        except OSError as e:
+            raise self._fail("write", name, e) from None
+
+    def put_dir(self, local: str | Path, name: str, skip: tuple[str, ...] = ()) -> None:
+        """A local directory tree at `name`, replacing what was there (files named in `skip` left
+        out). Locally whole at once (a temp name, then a rename); on an object store file by file,
+        so a reader must wait for the caller's completion record, written after this returns."""
+        local = Path(local)
+        files = sorted(f for f in local.rglob("*") if f.is_file() and f.name not in skip)
+        if self.local:
+            dest = Path(self.join(name))
+            tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(local, tmp, ignore=shutil.ignore_patterns(*skip))
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+            return
+        target = self.sub(name)
+        stale = set(target.list(recursive=True)) - {f.relative_to(local).as_posix() for f in files}
+        for f in files:
+            target.write_file(f.relative_to(local).as_posix(), f)
+        for rel in stale:
+            target.delete(rel)
+
+    def delete_dir(self, name: str = "") -> None:
+        try:
+            self.fs.delete_dir(self.join(name) if name else self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if self.exists(name):
+                raise self._fail("delete", name, e) from None
 
     def read(self, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
@@ -158,11 +251,15 @@ class Root:
 
     def list(self, recursive: bool = False) -> dict[str, int]:
         """Relative name -> size of the files below ({} when the directory does not exist)."""
+        return {rel: size for rel, (size, _) in self.list_info(recursive).items()}
+
+    def list_info(self, recursive: bool = False) -> dict[str, list[int]]:
+        """Relative name -> [size, mtime in ns] of the files below."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
         except OSError as e:
             raise self._fail("list", "", e) from None
-        return {i.path[len(self.path) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+        return {i.path[len(self.path) + 1:]: [i.size, i.mtime_ns or 0] for i in infos if i.type == pafs.FileType.File}
 
     def delete(self, name: str) -> None:
         try:

@@ -43,6 +43,7 @@ from layton.ladd import LADD, PARTS, EmptyPromptConditions, LaddControlNet, Toke
 from layton.ladd_sampling import consistency_latents, ddim_latents
 from layton.lora import fuse_lora_into_unet
 from layton.model_files import ModelFileError, check_file, check_model_dir, read_model_index
+from layton.storage import Root, is_uri, local_copy
 from layton.vq import load_llamagen_vq
 from layton.vq import preprocess
 
@@ -84,8 +85,9 @@ def _legacy_error(directory: Path, what: str) -> ModelFileError:
 
 def read_tokenizer_index(directory: str | Path, what: str = "tokenizer") -> dict:
     """The parsed `model_index.json` of a tokenizer directory, checked: its class, format and the parts
-    it names (config + readable safetensors headers, no weights loaded). Errors name `what` and the path."""
-    d = Path(directory)
+    it names (config + readable safetensors headers, no weights loaded). Errors name `what` and the path.
+    A URI (a tokenizer exported to a bucket) is read from its local copy (`layton.storage.local_copy`)."""
+    d = local_copy(directory, what)
     legacy = _legacy_error(d, what) if not (d / INDEX_NAME).is_file() and _read_legacy_spec(d) is not None else None
     index = read_model_index(d, CLASS_NAME, FORMAT, what, "a Layton tokenizer", legacy)
     index_path = d / INDEX_NAME
@@ -99,6 +101,8 @@ def read_tokenizer_index(directory: str | Path, what: str = "tokenizer") -> dict
 def is_tokenizer_dir(directory: str | Path) -> bool:
     """Whether `directory` holds a tokenizer index. A directory in the old layout is neither yes nor no:
     it raises the `ModelFileError` that says how to convert it."""
+    if is_uri(directory):
+        return Root(directory).exists(INDEX_NAME)
     d = Path(directory)
     if not (d / INDEX_NAME).is_file() and _read_legacy_spec(d) is not None:
         raise _legacy_error(d, "tokenizer")
@@ -201,8 +205,9 @@ class LaytonTokenizer:
         lora: str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> LaytonTokenizer:
-        """Load a tokenizer directory; `vq` / `sdxl` / `vae` / `lora` override upstream paths that moved."""
-        directory = Path(directory)
+        """Load a tokenizer directory (a local path or a URI); `vq` / `sdxl` / `vae` / `lora` override
+        upstream paths that moved."""
+        directory = local_copy(directory, "tokenizer")
         index = read_tokenizer_index(directory)
         where = directory / INDEX_NAME
         spec = {k: index.get(k) for k in SPEC_KEYS}
@@ -247,6 +252,7 @@ class LaytonTokenizer:
     def load_trained(self, directory: str | Path) -> None:
         """Resume from a checkpoint: the trained parts' weights of a tokenizer directory, loaded into
         this tokenizer's modules in place (the optimizer keeps its references to them)."""
+        directory = local_copy(directory, "tokenizer checkpoint")
         read_tokenizer_index(directory, "tokenizer checkpoint")
         self.ladd.load_trained(directory)
 
@@ -325,7 +331,7 @@ class LaytonTokenizer:
 def copy_tokenizer(src: str | Path, dst: str | Path) -> Path:
     """Copy what a tokenizer directory's index names (index + parts; nothing else, e.g. no training
     state of an export) to `dst`, index last."""
-    src, dst = Path(src), Path(dst)
+    src, dst = local_copy(src, "tokenizer"), Path(dst)
     read_tokenizer_index(src)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / INDEX_NAME).unlink(missing_ok=True)

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
-from torchvision.transforms import InterpolationMode
 
 from layton.checkpoint_io import load_exact
 from layton.model_files import load_torch_state_dict
@@ -332,30 +331,43 @@ def load_llamagen_vq(path: str | Path, map_location: str | torch.device = "cpu")
     return model.float().eval().requires_grad_(False)
 
 
-def _pil_to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
-    if isinstance(image, np.ndarray):  # HW or HWC uint8, as PIL reads it
+def _to_rgb(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
+    """An RGB PIL image. Arrays are uint8 HW/HWC as PIL reads them; tensors (C, H, W), C in 1/3/4,
+    uint8 or float in [0, 1] (rounded to 8 bits: LlamaGen's transform is defined on PIL images)."""
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise ValueError(f"expected an image tensor (C, H, W) with C in 1/3/4, got {tuple(image.shape)}")
+        x = image[:3].expand(3, -1, -1)  # grey -> RGB, RGBA -> RGB
+        if x.dtype != torch.uint8:
+            x = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+    if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if image.mode == "P":
         image = image.convert("RGBA")  # palette transparency goes through RGBA, else PIL warns
     # Like LlamaGen's loaders: plain convert("RGB"), i.e. alpha is dropped, not composited.
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    return image.convert("RGB")
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """LlamaGen's (ADM's) crop: BOX-halve while the short side is >= 2x the target, bicubic-resize the
+    short side to `image_size` (rounded sizes), then centre-crop with floor offsets."""
+    while min(pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top : top + image_size, left : left + image_size])
 
 
 def preprocess(images: Image.Image | list[Image.Image | np.ndarray] | torch.Tensor, size: int = 256) -> torch.Tensor:
-    """Images -> (B, 3, size, size) float32 in [-1, 1]: shorter side resized to `size` (bicubic,
-    antialiased), then centre-cropped. Tensors are (B, C, H, W) or (C, H, W), uint8 or float in
-    [0, 1], C in {1, 3, 4}; PIL images of any mode (or uint8 HW/HWC arrays) are converted to RGB."""
+    """Images -> (B, 3, size, size) float32 in [-1, 1], by LlamaGen's transform (`center_crop_arr`,
+    ToTensor, Normalize(0.5, 0.5)), so that codes are those LlamaGen's scripts extract. PIL images of
+    any mode (or uint8 HW/HWC arrays) are converted to RGB; tensors are (B, C, H, W) or (C, H, W)."""
     if isinstance(images, torch.Tensor):
         batch = [images] if images.ndim == 3 else list(images)
     else:
-        batch = [_pil_to_tensor(im) for im in ([images] if isinstance(images, Image.Image) else images)]
-    out = []
-    for x in batch:
-        if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
-            raise ValueError(f"expected an image tensor (C, H, W) with C in 1/3/4, got {tuple(x.shape)}")
-        x = x[:3].expand(3, -1, -1)  # grey -> RGB, RGBA -> RGB
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        x = TF.center_crop(x, [size, size]).clamp(0, 1)  # bicubic overshoots
-        out.append(x * 2 - 1)
+        batch = [images] if isinstance(images, Image.Image) else list(images)
+    out = [TF.normalize(TF.to_tensor(center_crop_arr(_to_rgb(im), size)), [0.5] * 3, [0.5] * 3) for im in batch]
     return torch.stack(out)

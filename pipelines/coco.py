@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from layton.storage import Root, join
 from layton.tables import Table, cell
-from pipelines.eval_data import image_files
+from pipelines.eval_data import image_names, read_location
 from pipelines.generate import METADATA, read_prompt_file
 
 METRICS = {"imagereward": "ImageReward", "mps": "MPS", "hpsv2": "HPSv2", "facescore": "FaceScore"}
 
 
 def read_coco_captions(path: str | Path) -> list[tuple[str, str]]:
-    """(id, caption) per image of a COCO captions file, by image id; id = the 12-digit file stem."""
-    p = Path(path)
+    """(id, caption) per image of a COCO captions file (local or URI), by image id; id = the 12-digit file stem."""
+    p = str(path)
     try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        blob = read_location(p)
+        if blob is None:
+            raise FileNotFoundError("no such file")
+        data = json.loads(blob)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"captions: {p} is not a readable JSON file ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"captions: {p} is not a COCO captions file (no 'annotations' list)")
@@ -41,10 +45,11 @@ def read_coco_captions(path: str | Path) -> list[tuple[str, str]]:
 
 def read_captions(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
     """A COCO captions .json, or any prompt file `layton generate` reads (.txt/.jsonl/.parquet)."""
-    p = Path(path)
-    if not p.is_file():
+    p = str(path)
+    root = Root(p)
+    if not root.exists() or root.is_dir():
         raise FileNotFoundError(f"captions: {p} does not exist")
-    pairs = read_coco_captions(p) if p.suffix == ".json" else read_prompt_file(p)
+    pairs = read_coco_captions(p) if p.endswith(".json") else read_prompt_file(p)
     if not pairs:
         raise ValueError(f"captions: {p} holds no captions")
     return pairs[:limit]
@@ -54,25 +59,27 @@ def _stem_key(stem: str) -> str:
     return str(int(stem)) if stem.isdigit() else stem
 
 
-def match_images(images_dir: str | Path, ids: list[str]) -> tuple[dict[str, Path], list[str]]:
-    """{id: image file} for the ids found under `images_dir` (recursively), and the ids not found.
+def match_images(images_dir: str | Path, ids: list[str]) -> tuple[dict[str, str], list[str]]:
+    """{id: image file} for the ids found under `images_dir` (recursively; a local path or a URI),
+    and the ids not found; a file is named as `images_dir` is (`join(images_dir, name)`).
 
     A `metadata.jsonl` written by `layton generate` names each id's file (failed rows have none);
-    otherwise files are matched by stem."""
-    root = Path(images_dir)
-    found: dict[str, Path] = {}
-    if (root / METADATA).is_file():
-        for line in (root / METADATA).read_text().splitlines():
+    otherwise files are matched by stem. One listing of the folder serves either way."""
+    root = Root(images_dir)
+    files = root.list(recursive=True)
+    found: dict[str, str] = {}
+    if METADATA in files:
+        for line in (root.read(METADATA) or b"").decode(errors="replace").splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-            if r.get("file") and (root / r["file"]).is_file():
-                found[r["id"]] = root / r["file"]
+            if r.get("file") and r["file"] in files:
+                found[r["id"]] = r["file"]
     else:
-        by_stem = {_stem_key(f.stem): f for f in image_files(root)}
+        by_stem = {_stem_key(PurePosixPath(f).stem): f for f in image_names(root, files)}
         found = {i: by_stem[_stem_key(i)] for i in ids if _stem_key(i) in by_stem}
-    return {i: found[i] for i in ids if i in found}, [i for i in ids if i not in found]
+    return {i: join(images_dir, found[i]) for i in ids if i in found}, [i for i in ids if i not in found]
 
 
 def summarize(rows: list[dict], metrics: list[str]) -> dict:

@@ -51,6 +51,8 @@ def read_duplicates(root: Root, kind: str, group: int, lo: int, hi: int) -> set[
         table = pq.read_table(sub.join(_group_file(group)), filesystem=sub.fs, filters=[("pos", ">=", lo), ("pos", "<", hi)])
     except FileNotFoundError:
         return set()
+    except Exception as e:  # a damaged file of the pass's own output: name it (rerun with it removed)
+        raise OSError(f"dedup: {sub.join(_group_file(group))}: rows {lo}-{hi}: {type(e).__name__}: {e}") from None
     return set(table.column("pos").to_pylist())
 
 

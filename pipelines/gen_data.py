@@ -16,14 +16,13 @@ Written by `pipelines.precompute.run_pass`: reused while its settings hold, redo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import ray
 
 from layton.devices import pick_device
+from layton.storage import absolute
 from layton.text_encoder import T5TextEncoder
-from pipelines.precompute import read_marker, read_pass, run_pass
+from pipelines.precompute import read_marker, read_pass, run_pass, training_read
 
 PASS_VERSION = 1
 EMPTY_CAPTION = "empty caption"
@@ -56,7 +55,7 @@ class TextFeatureStage:
 
 def check_token_pass(config) -> dict:
     """The tokenizer precompute LaytonGen reads: complete, with captions and this image size's tokens."""
-    tokens = Path(config.data.tokens)
+    tokens = config.data.tokens
     marker = read_marker(tokens)
     if marker is None:
         raise FileNotFoundError(f"data.tokens: {tokens} is not a complete tokenizer precompute pass "
@@ -75,13 +74,13 @@ def text_precompute(config) -> dict:
     """Run the text pass unless a complete one with the same settings exists. Returns its marker."""
     token_marker = check_token_pass(config)
     column = f"tokens_{config.model.image_size}"
-    settings = {"tokens": str(Path(config.data.tokens).resolve()), "tokens_settings": token_marker["settings"],
-                "text_encoder": str(Path(config.model.text_encoder).resolve()), "token_column": column,
+    settings = {"tokens": absolute(config.data.tokens), "tokens_settings": token_marker["settings"],
+                "text_encoder": absolute(config.model.text_encoder), "token_column": column,
                 "version": PASS_VERSION}
     d = config.data
 
     def build() -> ray.data.Dataset:
-        return read_pass(Path(config.data.tokens), columns=["key", "caption", column, "error"]).map_batches(
+        return read_pass(config.data.tokens, columns=["key", "caption", column, "error"]).map_batches(
             TextFeatureStage,
             fn_constructor_kwargs=dict(text_encoder=config.model.text_encoder, token_column=column,
                                        device="cuda" if d.num_gpus else "cpu"),
@@ -95,4 +94,4 @@ def text_precompute(config) -> dict:
 
 
 def read_text_pass(config) -> ray.data.Dataset:
-    return read_pass(config.text_path())
+    return read_pass(config.text_path(), **training_read(config.data))

@@ -4,15 +4,18 @@ A prompt file (`.txt`: one prompt per line; `.jsonl`: a "prompt" field per line,
 metadata; `.parquet`: a text column) becomes `<out>/images/<id>.png` plus `<out>/metadata.jsonl`,
 one line per prompt: id, prompt, seed, file, sampling settings, unconditional/truncated flags, or an
 error. A prompt's id is its row number (zero-padded) and its seed derives from the id, so a rerun
-skips prompts already in metadata.jsonl and regenerates nothing.
+skips prompts already in metadata.jsonl and regenerates nothing. The prompt file, the LaytonGen
+directory and `<out>` may each be a local path or a URI: images and metadata go straight to the
+store as they are made, and a killed run resumes from what is there.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,33 +27,37 @@ from layton.devices import pick_device
 from layton.laytongen import LaytonGenPipeline
 from layton.laytongen import TOKENIZER_SUBFOLDER, read_laytongen_index
 from layton.ray_cluster import ray_session
+from layton.storage import Root, absolute, local_copy
 from layton.tokenizer import read_tokenizer_index
+from pipelines.eval_data import read_location
 from pipelines.prompts import prompt_seed
 
 METADATA = "metadata.jsonl"
 
 
 def read_prompt_file(path: str | Path, column: str = "prompt") -> list[tuple[str, str]]:
-    """(id, prompt) per row; ids are zero-padded row numbers."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file not found: {p}")
-    if p.suffix == ".txt":
-        texts = p.read_text().splitlines()
-    elif p.suffix == ".jsonl":
+    """(id, prompt) per row of a local or URI prompt file; ids are zero-padded row numbers."""
+    path = str(path)
+    suffix = PurePosixPath(path).suffix
+    if suffix not in (".txt", ".jsonl", ".parquet"):
+        raise ValueError(f"{path}: prompt files are .txt, .jsonl or .parquet")
+    data = read_location(path) if not Root(path).is_dir() else None
+    if data is None:
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    if suffix == ".txt":
+        texts = data.decode().splitlines()
+    elif suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(p.read_text().splitlines(), 1):
+        for n, line in enumerate(data.decode().splitlines(), 1):
             try:
                 texts.append(str(json.loads(line)[column]))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{p}:{n}: expected a JSON object with a {column!r} field ({e})") from None
-    elif p.suffix == ".parquet":
-        table = pq.read_table(p)
-        if column not in table.column_names:
-            raise ValueError(f"{p}: no column {column!r} (columns: {table.column_names})")
-        texts = ["" if t is None else str(t) for t in table.column(column).to_pylist()]
+                raise ValueError(f"{path}:{n}: expected a JSON object with a {column!r} field ({e})") from None
     else:
-        raise ValueError(f"{p}: prompt files are .txt, .jsonl or .parquet")
+        table = pq.read_table(io.BytesIO(data))
+        if column not in table.column_names:
+            raise ValueError(f"{path}: no column {column!r} (columns: {table.column_names})")
+        texts = ["" if t is None else str(t) for t in table.column(column).to_pylist()]
     return [(f"{i:05d}", t) for i, t in enumerate(texts)]
 
 
@@ -66,15 +73,14 @@ class GenerateSettings:
 
 
 class LaytonGenWriter:
-    """Ray Data actor: a LaytonGen pipeline writing one PNG per prompt."""
+    """Ray Data actor: a LaytonGen pipeline writing one PNG per prompt to `<out_dir>/images/`."""
 
     def __init__(self, laytongen_dir: str, settings: dict, out_dir: str, device: str = "auto"):
         self.s = GenerateSettings(**settings)
         self.pipe = LaytonGenPipeline.from_pretrained(laytongen_dir, device=pick_device(device))
         self.params = self.pipe.default_params(cfg_scale=self.s.cfg_scale, temperature=self.s.temperature,
                                                top_k=self.s.top_k, top_p=self.s.top_p)
-        self.images = Path(out_dir) / "images"
-        self.images.mkdir(parents=True, exist_ok=True)
+        self.out = Root(out_dir)
 
     def __call__(self, batch: dict) -> dict:
         ids, prompts, seeds = list(batch["id"]), [str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]]
@@ -89,20 +95,23 @@ class LaytonGenWriter:
             if r is None:
                 rows.append({**row, "file": "", "error": error, "unconditional": False, "truncated": False, "text_tokens": 0})
                 continue
-            tmp, dest = self.images / f".{pid}.png.tmp", self.images / f"{pid}.png"
-            r.image.save(tmp, format="PNG")
-            tmp.replace(dest)  # a file under its final name is complete
+            buf = io.BytesIO()
+            r.image.save(buf, format="PNG")
+            self.out.write(f"images/{pid}.png", buf.getvalue())  # whole or absent: a file under its name is complete
             rows.append({**row, "file": f"images/{pid}.png", "error": "", "unconditional": r.unconditional,
                          "truncated": r.truncated, "text_tokens": r.text_tokens})
         return {"record": np.array([json.dumps(r) for r in rows], dtype=object)}
 
 
-def done_ids(out_dir: Path) -> set[str]:
-    path = Path(out_dir) / METADATA
-    if not path.is_file():
-        return set()
+def _metadata_lines(out: Root) -> list[str]:
+    data = out.read(METADATA)
+    return data.decode(errors="replace").splitlines() if data else []
+
+
+def done_ids(out_dir: str | Root) -> set[str]:
+    """The ids that `<out_dir>/metadata.jsonl` records as generated."""
     ids = set()
-    for line in path.read_text().splitlines():
+    for line in _metadata_lines(out_dir if isinstance(out_dir, Root) else Root(out_dir)):
         try:
             r = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill: that prompt runs again
@@ -112,10 +121,42 @@ def done_ids(out_dir: Path) -> set[str]:
     return ids
 
 
+class MetadataLog:
+    """`metadata.jsonl`, the progress of a run, as records arrive. A local file is appended to (a
+    line cut by a kill is skipped by readers); an object store cannot append, so the object is
+    rewritten whole, with every line so far, after each batch (`flush`): a kill loses at most the
+    batch in flight, whose prompts then run again with the same seeds."""
+
+    def __init__(self, out: Root):
+        self.out, self.file, self.lines = out, None, []
+        if out.local:
+            path = Path(out.join(METADATA))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a")
+        else:
+            self.lines = _metadata_lines(out)
+
+    def add(self, line: str) -> None:
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+        else:
+            self.lines.append(line)
+
+    def flush(self) -> None:
+        if self.file is None:
+            self.out.write(METADATA, "".join(f"{line}\n" for line in self.lines).encode())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def check_laytongen_dir(laytongen_dir: str, what: str = "generator") -> None:
-    """A LaytonGen directory's index and its parts, before any Ray work (a `ModelFileError` naming `what`)."""
+    """A LaytonGen directory's index and its parts, before any Ray work (a `ModelFileError` naming
+    `what`). A URI is checked on its local copy (pulled once, the copy the actors then load)."""
     read_laytongen_index(laytongen_dir, what)
-    read_tokenizer_index(Path(laytongen_dir) / TOKENIZER_SUBFOLDER, f"{what} (tokenizer/)")
+    read_tokenizer_index(local_copy(laytongen_dir, what) / TOKENIZER_SUBFOLDER, f"{what} (tokenizer/)")
 
 
 def generate_from_file(laytongen_dir: str, prompt_file: str, out_dir: str, settings: GenerateSettings = GenerateSettings(),
@@ -134,9 +175,8 @@ def generate_prompts(laytongen_dir: str, prompts: list[tuple[str, str]], out_dir
     and settings a no-op without reading it."""
     t0 = time.time()
     check_laytongen_dir(laytongen_dir, "laytongen")
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint({"laytongen": str(Path(laytongen_dir).resolve()), "settings": asdict(settings), "prompts": prompts})
+    out = Root(out_dir)
+    fp = fingerprint({"laytongen": absolute(laytongen_dir), "settings": asdict(settings), "prompts": prompts})
     if is_complete(out, fp):
         return {"prompts": len(prompts), "already_done": len(prompts), "generated": 0, "failed": 0,
                 "seconds": time.time() - t0}
@@ -147,18 +187,21 @@ def generate_prompts(laytongen_dir: str, prompts: list[tuple[str, str]], out_dir
         with ray_session(ray_cfg or RayConfig(dashboard=False)):
             ds = ray.data.from_items([{"id": pid, "prompt": text, "seed": prompt_seed(pid, settings.seed)} for pid, text in todo])
             ds = ds.map_batches(LaytonGenWriter, fn_constructor_kwargs=dict(
-                laytongen_dir=str(Path(laytongen_dir).resolve()), settings=asdict(settings), out_dir=str(out),
+                laytongen_dir=absolute(laytongen_dir), settings=asdict(settings), out_dir=absolute(out_dir),
                 device="cuda" if num_gpus else "cpu"), batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
                 num_gpus=num_gpus, num_cpus=num_cpus, batch_format="numpy")
-            with open(out / METADATA, "a") as f:
+            log = MetadataLog(out)
+            try:
                 for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                     for rec in batch["record"]:
-                        f.write(rec + "\n")
-                        f.flush()
+                        log.add(rec)
                         r = json.loads(rec)
                         counts["failed" if r["error"] else "generated"] += 1
                         if on_record:
                             on_record(r)
+                    log.flush()
+            finally:
+                log.close()
     if counts["failed"] == 0:
         mark_complete(out, fp, **counts)
     return {**counts, "seconds": time.time() - t0}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.prompts import InputFile, list_inputs
+from pipelines.prompts import InputFile, check_pages, list_inputs
 from stages.synth.config import PromptsConfig
 
 
@@ -72,8 +72,14 @@ class ShardPlan:
                 "inputs": [[f.name, f.rows] for f in self.files]}
 
 
-def make_plan(prompts: PromptsConfig, shard_size: int) -> ShardPlan:
-    return ShardPlan(tuple(list_inputs(prompts)), rows_per_shard(prompts, shard_size), prompts.limit)
+def make_plan(prompts: PromptsConfig, shard_size: int, check: bool = False) -> ShardPlan:
+    """The plan, from the input files' footers. `check=True` also decodes the prompt columns of the
+    rows the plan uses (`check_pages`): what a run does before it writes anything."""
+    plan = ShardPlan(tuple(list_inputs(prompts)), rows_per_shard(prompts, shard_size), prompts.limit)
+    if check:
+        for f, rows in zip(plan.files, plan.used_rows):
+            check_pages(prompts, f, int(rows))
+    return plan
 
 
 def groups_of(plan: ShardPlan, rows: int = 1 << 20) -> int:

@@ -1,11 +1,12 @@
 """Prompt input: LAION-style parquet files → prompts with stable ids, seeds and reader verdicts.
 
-Nothing here holds the whole input: the driver reads only file footers (row counts), and each
-shard reads its own row range where it runs. A row's id is its given id (`id_column`) or a hash of
-its file name and row number; its seed derives from the id alone, so a regenerated sample is
-identical. Invalid prompts are kept with the reason they are rejected, so that the shard index
-records every row the run was given. Duplicates are found by the distributed pre-pass in
-`pipelines/dedup.py`, whose masks `shard_prompts` applies.
+Nothing here holds the whole input: the driver reads file footers (row counts) and, before a run,
+decodes the used row groups' prompt columns once, one group at a time (`check_pages`: a damaged page
+fails there, not in a task); each shard reads its own row range where it runs. A row's id is its
+given id (`id_column`) or a hash of its file name and row number; its seed derives from the id
+alone, so a regenerated sample is identical. Invalid prompts are kept with the reason they are
+rejected, so that the shard index records every row the run was given. Duplicates are found by the
+distributed pre-pass in `pipelines/dedup.py`, whose masks `shard_prompts` applies.
 """
 
 from __future__ import annotations
@@ -132,11 +133,41 @@ def list_inputs(cfg: PromptsConfig) -> list[InputFile]:
     return inputs
 
 
+_DECODED: set[tuple] = set()  # files (path, size, mtime, columns, rows) whose pages all decoded, in this process
+
+
+def check_pages(cfg: PromptsConfig, f: InputFile, rows: int) -> None:
+    """Decode the prompt columns of the row groups that hold the file's first `rows` rows, one group at a
+    time. The footer alone does not show a corrupt data page: found here, it fails the run before Ray
+    and before any output exists, naming the file and the row group, instead of in a task later."""
+    columns = [c for c in (cfg.text_column, cfg.id_column) if c]
+    root = Root(f.path)
+    info = root.fs.get_file_info(root.path)
+    key = (f.path, info.size, info.mtime_ns, tuple(columns), rows)
+    if rows <= 0 or key in _DECODED:  # the stage's check and the job both ask: decode once
+        return
+    pf = _parquet(f.path)
+    offset = 0
+    for g in range(pf.metadata.num_row_groups):
+        if offset >= rows:
+            break
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            pf.read_row_group(g, columns=columns)
+        except Exception as e:
+            raise ValueError(f"prompts: {f.path}: row group {g} (rows {offset}-{offset + n}) cannot be read "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); the file is damaged: "
+                             "replace it or leave it out of prompts.paths") from None
+        offset += n
+    _DECODED.add(key)
+
+
 def read_rows(f: InputFile, start: int, stop: int, columns: list[str]) -> dict[str, list]:
     """Rows [start, stop) of a file: only the row groups that hold them are read."""
+    groups = []
     try:
         pf = _parquet(f.path)
-        groups, first, offset = [], None, 0
+        first, offset = None, 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             if offset < stop and offset + n > start:
@@ -148,7 +179,8 @@ def read_rows(f: InputFile, start: int, stop: int, columns: list[str]) -> dict[s
         table = pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
         return {c: table.column(c).to_pylist() for c in columns}
     except Exception as e:
-        raise OSError(f"prompts: {f.path}: rows {start}-{stop}: {type(e).__name__}: {e}") from None
+        where = f" (row group {groups[0]}{f'-{groups[-1]}' if len(groups) > 1 else ''})" if groups else ""
+        raise OSError(f"prompts: {f.path}: rows {start}-{stop}{where}: {type(e).__name__}: {e}") from None
 
 
 # Every reason the reader (with the dedup pass's verdicts) rejects a row for.

@@ -265,7 +265,7 @@ def run_synth(
             raise ValueError("recaption.backend 'vllm' runs after scoring: set order: score_first")
         require_vllm()
     # Everything that can fail on bad input fails here, before Ray starts.
-    plan = make_plan(config.prompts, config.output.shard_size)
+    plan = make_plan(config.prompts, config.output.shard_size, check=True)
     check_synth_models(config)
     root = prepare_output(config, plan, force)
 

@@ -9,14 +9,13 @@ never change. `precompute` runs them once as a Ray Data pass and writes parquet 
     latent_<R>  float16 bytes of the (4, R/8, R/8) scaled VAE latents (R in the stages' resolutions)
     error       why the image was skipped (unreadable bytes), else ""
 
-The pass is written by `pipelines.precompute.run_pass` (marker, reuse, atomic rename).
+The pass is written by `pipelines.precompute.run_pass` (marker last, reuse).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -24,9 +23,10 @@ import torch
 from PIL import Image
 
 from layton.devices import pick_device
+from layton.storage import absolute, filesystem, join
 from layton.tokenizer import images_to_tensor, vae_encode
 from layton.vq import load_llamagen_vq
-from pipelines.precompute import read_pass, run_pass
+from pipelines.precompute import read_pass, run_pass, training_read
 from pipelines.shards import complete_shards, shard_name
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,17 @@ IMAGE_COLUMNS = ("jpg", "png", "webp")
 PASS_VERSION = 2  # 2: the caption column
 
 
+def _accepted_tars(d: str) -> list[str]:
+    """The tar names of the complete shards of a synthesis output directory that accepted samples."""
+    done = complete_shards(d)
+    if not done:
+        raise FileNotFoundError(f"data.shards: {d} holds no complete shard (run `layton synth` first)")
+    return [f"{shard_name(s)}.tar" for s in sorted(done) if done[s].get("accepted", 1)]
+
+
 def shard_tars(dirs: list[str]) -> list[str]:
-    """The tars of the complete shards of each synthesis output directory."""
-    tars = []
-    for d in dirs:
-        done = complete_shards(Path(d))
-        if not done:
-            raise FileNotFoundError(f"data.shards: {d} holds no complete shard (run `layton synth` first)")
-        tars += [str(Path(d) / f"{shard_name(s)}.tar") for s in sorted(done) if done[s].get("accepted", 1)]
+    """The tars (local paths or URIs) of the complete shards of each synthesis output directory."""
+    tars = [join(d, name) for d in dirs for name in _accepted_tars(d)]
     if not tars:
         raise FileNotFoundError(f"data.shards: no accepted samples in {', '.join(dirs)}")
     return tars
@@ -59,10 +62,21 @@ def _image_column(batch: dict) -> dict:
     return {"key": batch["__key__"], "image": np.array(images, dtype=object), "caption": np.array(captions, dtype=object)}
 
 
-def read_shard_images(dirs: list[str]) -> ray.data.Dataset:
-    """key, encoded image bytes and caption of every accepted sample (decoding happens where it is used)."""
-    ds = ray.data.read_webdataset(shard_tars(dirs), decoder=None)
-    return ds.map_batches(_image_column, batch_format="numpy")
+def read_shard_images(dirs: list[str], **read_args) -> ray.data.Dataset:
+    """key, encoded image bytes and caption of every accepted sample (decoding happens where it is
+    used). `read_args`: Ray Data's read options (`training_read`'s, for a training input)."""
+    fs, paths = None, []
+    for d in dirs:
+        d_fs, base = filesystem(d)
+        if fs is not None and not d_fs.equals(fs):
+            raise ValueError(f"data.shards: {', '.join(dirs)} are not all on one filesystem (Ray Data reads one)")
+        fs = d_fs
+        paths += [f"{base}/{name}" for name in _accepted_tars(d)]
+    if not paths:
+        raise FileNotFoundError(f"data.shards: no accepted samples in {', '.join(dirs)}")
+    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, **read_args)
+    # The same CPUs as the read: fused into one task, which the CPU check keeps room for.
+    return ds.map_batches(_image_column, batch_format="numpy", num_cpus=read_args.get("num_cpus", 1))
 
 
 def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
@@ -120,8 +134,8 @@ def precompute_settings(config) -> dict:
     m = config.model
     return {
         "shards": shard_tars(config.data.shards),
-        "vq": str(Path(m.vq).resolve()),
-        "vae": str(Path(m.vae or Path(m.sdxl) / "vae").resolve()),
+        "vq": absolute(m.vq),
+        "vae": absolute(m.vae or join(m.sdxl, "vae")),
         "encoder_sizes": sorted(m.encoder_sizes),
         "resolutions": config.resolutions(),
         "version": PASS_VERSION,
@@ -145,4 +159,4 @@ def precompute(config) -> dict:
 
 
 def read_precomputed(config) -> ray.data.Dataset:
-    return read_pass(config.precompute_path())
+    return read_pass(config.precompute_path(), **training_read(config.data))

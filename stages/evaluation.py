@@ -3,9 +3,9 @@ those that can generate with LaytonGen, where the generator and the images come 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
+from layton.storage import Root, join
 from stages.base import Stage, StageResult, setdefault_dotted
 from stages.laytongen.stage import laytongen_export
 
@@ -17,11 +17,12 @@ class EvalStage(Stage):
         return cfg.output
 
     def result(self, cfg, body: dict, summary: dict, notes: list[str], counted: str) -> StageResult:
-        """The results table, notes, and where results.json is (with what was `counted` and the time)."""
-        out = Path(cfg.output)
-        lines = [(out / "results.md").read_text().rstrip(), *notes,
-                 f"results: {out / 'results.json'} ({counted}{', ' if counted else ''}{body['seconds']:.1f}s)"]
-        return StageResult(self.name, False, summary, {"results": str(out / "results.json")}, lines)
+        """The results table, notes, and where results.json is (with what was `counted` and the time);
+        `output` a local path or a URI."""
+        results = join(cfg.output, "results.json")
+        lines = [(Root(cfg.output).read("results.md") or b"").decode().rstrip(), *notes,
+                 f"results: {results} ({counted}{', ' if counted else ''}{body['seconds']:.1f}s)"]
+        return StageResult(self.name, False, summary, {"results": results}, lines)
 
 
 class GeneratingEvalStage(EvalStage):
@@ -30,8 +31,8 @@ class GeneratingEvalStage(EvalStage):
     def with_defaults(self, raw: dict, root: str, earlier: dict) -> dict:
         if "laytongen" in earlier:
             setdefault_dotted(raw, "generator", laytongen_export(earlier["laytongen"]))
-        setdefault_dotted(raw, "images", f"{root}/eval/{self.kind}/images")
-        setdefault_dotted(raw, "output", f"{root}/eval/{self.kind}")
+        setdefault_dotted(raw, "images", join(root, "eval", self.kind, "images"))
+        setdefault_dotted(raw, "output", join(root, "eval", self.kind))
         return raw
 
     def inputs(self, cfg) -> list[tuple[str, str]]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from layton.storage import Root, join, parent
 from stages.base import StageResult
 
 
@@ -22,7 +21,8 @@ def training_result(name: str, r, *, label: str, precompute: tuple[str, str], de
     loss = r.metrics.get("loss")
     lines.append(f"{label}: step {r.step}, loss {float('nan') if loss is None else loss:.4f}{detail}, "
                  f"{r.seconds:.1f}s -> {r.export}")
-    found = sorted((Path(r.export).parent / grids[0]).glob("*.png"))
+    grid_dir = join(parent(r.export), grids[0])
+    found = sorted(name for name in Root(grid_dir).list() if name.endswith(".png"))
     if found:
-        lines.append(f"{label}: {grids[1]} {found[-1]}")
+        lines.append(f"{label}: {grids[1]} {join(grid_dir, found[-1])}")
     return StageResult(name, False, {"step": r.step, "loss": loss, "export": r.export}, {output: r.export}, lines)

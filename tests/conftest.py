@@ -8,13 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
+import pyarrow.fs as pafs
 import pytest
 
-from app.cluster import free_port
+from app.cluster import HOST, _http_answers, free_port, port_in_use
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+S3_BUCKET = f"layton-test-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")
@@ -41,14 +46,55 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray for the session; `ray_local.metrics_url` is its Prometheus export."""
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (one for the session), the bucket S3_BUCKET on it, and the AWS
+    env that points at it (set in this process, so that `Root("s3://…")` here reaches it as well;
+    a process started by a test inherits it)."""
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", HOST, "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _http_answers(url):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"moto did not answer at {url}:\n{log.read_text()}"
+            time.sleep(0.3)
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        # pyarrow's S3FileSystem() takes the endpoint from AWS_ENDPOINT_URL only through from_uri:
+        # here it is given explicitly.
+        fs = pafs.S3FileSystem(endpoint_override=url, access_key="testing", secret_key="testing",
+                               region="us-east-1", allow_bucket_creation=True)
+        fs.create_dir(S3_BUCKET)
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            yield SimpleNamespace(url=url, env=env, fs=fs, port=port, bucket=S3_BUCKET)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert not port_in_use(port)
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """A real local Ray for the session; `ray_local.metrics_url` is its Prometheus export. Its
+    workers get the object store's environment (workers keep the one Ray started with)."""
     import ray
+
+    from layton.ray_cluster import start_local_ray  # on 127.0.0.1; start-up budget from the environment
 
     port = free_port()
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
+                        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **s3.env}})
     ray.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield ray
     ray.shutdown()
@@ -116,14 +162,24 @@ def cli(*args) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def kill_after_first_checkpoint(proc: subprocess.Popen, job_dir: Path) -> None:
-    """Wait until Ray Train has recorded a checkpoint of `job_dir`, then SIGKILL the run's process group.
+def kill_after_first_checkpoint(proc: subprocess.Popen, job_dir: Path | str) -> None:
+    """Wait until Ray Train has recorded a checkpoint of `job_dir` (a local path or a URI), then
+    SIGKILL the run's process group.
 
     Ray lists a checkpoint in its snapshot only once the whole directory is persisted. A run that
     never checkpoints finishes and exits, which ends the wait as a failure.
     """
-    snapshot = job_dir / "checkpoint_manager_snapshot.json"
-    while not (snapshot.is_file() and json.loads(snapshot.read_text()).get("latest_checkpoint_result")):
+    from layton.storage import Root
+
+    job = Root(job_dir)
+
+    def recorded() -> bool:
+        try:
+            return bool(json.loads(job.read("checkpoint_manager_snapshot.json") or b"{}").get("latest_checkpoint_result"))
+        except json.JSONDecodeError:  # (a local snapshot is rewritten in place)
+            return False
+
+    while not recorded():
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started

@@ -12,6 +12,7 @@ import socket
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 from app import jobs
@@ -176,3 +177,30 @@ def test_cli_jobs_status(head, finished_job, capsys, monkeypatch):
     args = parser.parse_args(["cluster", "status"])
     args.fn(args)
     assert f"up: {head['address']}" in capsys.readouterr().out
+
+
+def test_port_check_counts_listeners_not_outgoing_sockets():
+    """A port that an outgoing connection holds as its local end is free to listen on."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert port_in_use(server.getsockname()[1])
+        with socket.socket() as client:
+            client.bind(("127.0.0.1", 0))
+            client.connect(server.getsockname())
+            assert not port_in_use(client.getsockname()[1])
+
+
+def test_head_takes_no_fixed_default_port(head):
+    """The autoscaler's and the dashboard's metrics ports (Ray's fixed 44217 and 44227) are free ports
+    recorded with the others, on 127.0.0.1, so two local heads do not collide."""
+    recorded = cluster_status(head["state"])
+    pids = {p.pid for p in _head_processes(recorded["session_id"], recorded["temp_dir"], recorded["up_at"])}
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    ports = recorded["ports"]
+    for name in ("autoscaler_metric_port", "dashboard_metric_port"):
+        assert ports[name] not in (44217, 44227)
+    assert ("127.0.0.1", ports["dashboard_metric_port"]) in listening, (ports, sorted(listening))
+    assert not {p for _, p in listening} & {44217, 44227}, sorted(listening)
+    assert {ip for ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, sorted(listening)

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,30 @@ def test_eval_configs_validate():
     assert [m.kind for m in recon.models] == ["layton", "sdxl_vae", "llamagen_vq"]
     for name in ("eval_geneval_demo.yaml", "geneval.yaml"):
         load_config(ROOT / "workflows" / name, GenEvalRunConfig)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("scoring.imagereward_threshold", "-1.0", "Input should be a valid number"),
+    ("scoring.imagereward_threshold", True, "Input should be a valid number"),
+    ("scoring.mps_threshold", float("nan"), "Input should be a finite number"),
+    ("scoring.mps_threshold", "inf", "Input should be a valid number"),
+    ("scoring.mps_threshold", float("-inf"), "Input should be a finite number"),
+    ("output.shard_size", 8.0, "Input should be a valid integer"),
+    ("output.shard_size", "8", "Input should be a valid integer"),
+    ("prompts.dedup", "yes", "Input should be a valid boolean"),
+])
+def test_config_values_are_not_coerced(tmp_path, field, value, message):
+    """Numbers are numbers, floats finite, integers integers, booleans booleans: each error names
+    the file and the field (a NaN threshold would otherwise reject every sample)."""
+    from stages.synth.config import SynthConfig
+
+    raw = yaml.safe_load((ROOT / "workflows/synth_demo.yaml").read_text())
+    section, leaf = field.split(".")
+    raw[section][leaf] = value
+    path = tmp_path / "synth.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {field}: {message}")):
+        load_config(path, SynthConfig)
+    raw[section][leaf] = {"scoring": -1.0, "output": 8, "prompts": True}[section]  # the same, well typed
+    path.write_text(yaml.safe_dump(raw))
+    load_config(path, SynthConfig)

@@ -2,6 +2,7 @@ import base64
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def run(tmp_path_factory):
     (geneval / "results.json").write_text(json.dumps({"task": "geneval", "summary": summary, "seconds": 58.7,
                                                       "table": result_table(summary, "laytongen").to_dict()}))
     out = write_report(d)
-    return d, out, out.read_text(), accepted
+    return d, out, Path(out).read_text(), accepted
 
 
 def _images(page):
@@ -93,7 +94,7 @@ def _images(page):
 
 def test_report_lists_stages_and_tables(run):
     d, out, page, accepted = run
-    assert out == d / "report.html"
+    assert out == str(d / "report.html")
     assert "nightly &lt;b&gt;&amp;co&lt;/b&gt;" in page and "<b>&co" not in page  # name from workflow.yaml, escaped
     for name, (status, *_rest) in STAGES.items():
         assert re.search(rf"<td>{name}</td><td class='{status}'>{status}</td>", page), name
@@ -134,7 +135,7 @@ def test_report_notes_corrupt_inputs(run):
 def test_report_of_partial_run_with_invalid_state(tmp_path):
     (tmp_path / "workflow_state.json").write_text("{truncated")
     _history(tmp_path / "train" / "job" / "history.jsonl", [{"step": 1, "loss": 2.0}, {"step": 1, "loss": 1.5}])
-    page = write_report(tmp_path, tmp_path / "out" / "r.html").read_text()
+    page = Path(write_report(tmp_path, tmp_path / "out" / "r.html")).read_text()
     assert f"{tmp_path / 'workflow_state.json'}: invalid workflow state" in page
     assert f"<h1>{tmp_path.name}</h1>" in page  # no name anywhere: the directory's
     assert "no shard directory" in page and "no eval/*/results.json" in page
@@ -143,7 +144,7 @@ def test_report_of_partial_run_with_invalid_state(tmp_path):
 
 def test_report_finds_shards_outside_synth(tmp_path):
     accepted = _shards(tmp_path / "data" / "shards")
-    page = write_report(tmp_path).read_text()
+    page = Path(write_report(tmp_path)).read_text()
     assert f"accepted {accepted} (" in page and "<h3>shards</h3>" in page
 
 

@@ -6,15 +6,18 @@
    actor pool holding the configured scorers: ImageReward, MPS, HPSv2 and FaceScore (on detected face
    crops; an image without a face has no FaceScore and is counted as such).
 Outputs: `<output>/results.jsonl` (a row per caption: scores, or the reason it has none),
-`results.json` (means, counts) and `results.md` (the paper's table).
+`results.json` (means, counts) and `results.md` (the paper's table). `images` and `output` may be
+local paths or URIs: generated images and results are written there directly.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import io
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
@@ -26,8 +29,9 @@ from layton.scorers.facescore import FaceScoreScorer
 from layton.scorers.hpsv2 import HPSv2Scorer
 from layton.scorers.imagereward import ImageRewardScorer
 from layton.scorers.mps import MPSScorer
+from layton.storage import Root, basename
 from pipelines.coco import match_images, read_captions, result_table, summarize
-from pipelines.eval_data import score_rows, write_results
+from pipelines.eval_data import read_location, score_rows, write_results
 from pipelines.generate import GenerateSettings, check_laytongen_dir, generate_prompts
 from stages.eval_coco.config import CocoEvalConfig, PreferenceScorers
 
@@ -50,14 +54,18 @@ class ScorePreferences:
             self.scorers["hpsv2"] = HPSv2Scorer(cfg.hpsv2.checkpoint, cfg.hpsv2.architecture, device=device, dtype=dtype).score
         if cfg.facescore:
             fs = cfg.facescore
-            self.facescore = FaceScoreScorer(fs.checkpoint, fs.med_config, fs.tokenizer, device=device, dtype=dtype)
+            self.facescore = FaceScoreScorer(fs.checkpoint, fs.med_config, fs.tokenizer, device=device, dtype=dtype,
+                                             detector=fs.detector)
 
     def __call__(self, batch: dict) -> dict:
         rows, images = [], []
         for pid, prompt, f in zip(batch["id"], batch["prompt"], batch["file"]):
             row = {"id": str(pid), "prompt": str(prompt), "file": str(f), "reason": ""}
             try:
-                im = load_image(f)
+                data = read_location(str(f))  # a local path or a URI
+                if data is None:
+                    raise FileNotFoundError(f)
+                im = load_image(io.BytesIO(data))
                 row["converted"] = im.mode != "RGB"  # grayscale, palette, RGBA, CMYK: scored as RGB
                 images.append(im.convert("RGB"))
             except (OSError, ValueError) as e:  # an unreadable image is recorded with its reason
@@ -92,6 +100,8 @@ def check_scorer_files(sc: PreferenceScorers) -> None:
         check_file(sc.facescore.checkpoint, "scorers.facescore.checkpoint")
         check_file(sc.facescore.med_config, "scorers.facescore.med_config")
         check_model_dir(sc.facescore.tokenizer, "scorers.facescore.tokenizer", marker="tokenizer_config.json")
+        if sc.facescore.detector and not Path(sc.facescore.detector).is_file():  # (an old non-zip .pth too)
+            raise FileNotFoundError(f"scorers.facescore.detector: {sc.facescore.detector} does not exist")
 
 
 def check_coco_inputs(config: CocoEvalConfig) -> list[tuple[str, str]]:
@@ -100,7 +110,7 @@ def check_coco_inputs(config: CocoEvalConfig) -> list[tuple[str, str]]:
     check_scorer_files(config.scorers)
     if config.generator is not None:
         check_laytongen_dir(config.generator)
-    elif not Path(config.images).is_dir():
+    elif not Root(config.images).is_dir():
         raise FileNotFoundError(f"images: {config.images} does not exist (and no generator is set to write it)")
     return pairs
 
@@ -110,8 +120,6 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
     pairs = check_coco_inputs(config)
     res = config.resources
     device = "cuda" if res.num_gpus else "cpu"
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
     # An empty caption is bad input here (LaytonGen would sample it unconditionally): recorded, not run.
     rows = [{"id": i, "prompt": "", "file": "", "reason": "empty caption"} for i, t in pairs if not t.strip()]
     pairs = [(i, t) for i, t in pairs if t.strip()]
@@ -125,7 +133,7 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
                                          num_gpus=res.num_gpus, num_cpus=res.num_cpus, batch_size=config.batch_size)
         files, missing = match_images(config.images, [i for i, _ in pairs])
         rows += [{"id": i, "prompt": t, "file": "", "reason": "no image"} for i, t in pairs if i in missing]
-        items = [{"id": i, "prompt": t, "file": str(files[i])} for i, t in pairs if i in files]
+        items = [{"id": i, "prompt": t, "file": files[i]} for i, t in pairs if i in files]
         if not items:
             raise FileNotFoundError(f"images: {config.images} holds no image for any of the {len(pairs)} caption(s)")
         rows += score_rows(items, ScorePreferences, dict(scorers=config.scorers.model_dump(mode="json"), device=device),
@@ -134,11 +142,11 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
     scored = [r for r in rows if not r["reason"]]
     metrics = config.scorers.names()
     summary = summarize(scored, metrics)
-    name = Path(config.generator).name if config.generator else Path(config.images).name
+    name = basename(config.generator or config.images)
     body = {"task": "coco", "name": name, "summary": summary, "captions": len(rows), "images": len(scored),
             "skipped": dict(Counter(r["reason"] for r in rows if r["reason"])),
             "converted": sum(bool(r.get("converted")) for r in scored),
             "without_face": sum(r.get("faces") == 0 for r in scored) if "facescore" in metrics else None,
             "generated": generated, "config": config.model_dump(mode="json"), "seconds": time.time() - t0}
-    write_results(out, rows, body, result_table(summary, name, len(scored)))
+    write_results(config.output, rows, body, result_table(summary, name, len(scored)))
     return body

@@ -7,33 +7,35 @@
 2. Every sample folder under `images` (ours or another model's) is scored by an actor pool holding the
    Mask2Former detector and the CLIP colour classifier, with GenEval's rules (`layton.geneval`).
 Outputs: `<output>/results.jsonl` (GenEval's per-image rows), `results.json` (per-task accuracies and
-overall) and `results.md` (the paper's table).
+overall) and `results.md` (the paper's table). `images` and `output` may be local paths or URIs:
+each sample folder and the results are written there as they are made.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import ray
 
-from layton.completion import fingerprint, is_complete
+from layton.completion import RECORD, fingerprint, is_complete
 from layton.config import SamplingConfig
 from layton.detection import Mask2FormerDetector
 from layton.devices import pick_device
 from layton.geneval import GenEvalPrompt, write_sample_dir
 from layton.geneval import load_image, result_row
 from layton.geneval import read_metadata
-from layton.geneval import read_sample_dirs, result_table, sample_dir, summarize
+from layton.geneval import read_sample_dirs, result_table, summarize
 from layton.laytongen import LaytonGenPipeline
 from layton.model_files import check_model_dir
 from layton.ray_cluster import ray_session
 from layton.scorers.clip_colour import ClipColourClassifier
 from layton.seeds import derive_seed
-from pipelines.eval_data import score_rows, write_results
+from layton.storage import Root, basename, parent
+from pipelines.eval_data import read_location, score_rows, write_results
 from pipelines.generate import check_laytongen_dir
 from stages.eval_geneval.config import GenEvalRunConfig
 
@@ -74,7 +76,10 @@ class ScoreSamples:
         rows, images, metas, files = [], [], [], []
         for f, meta in zip(batch["file"], batch["metadata"]):
             try:
-                images.append(load_image(f))
+                data = read_location(str(f))  # a local path or a URI
+                if data is None:
+                    raise FileNotFoundError(f)
+                images.append(load_image(io.BytesIO(data)))
                 metas.append(json.loads(meta))
                 files.append(str(f))
             except OSError as e:  # an unreadable sample counts as incorrect, with its reason
@@ -100,7 +105,7 @@ def check_geneval_inputs(config: GenEvalRunConfig):
     prompts = check_geneval_models(config)
     if config.generator is not None:
         check_laytongen_dir(config.generator)
-    if config.generator is None and not Path(config.images).is_dir():
+    if config.generator is None and not Root(config.images).is_dir():
         raise FileNotFoundError(f"images: {config.images} does not exist (and no generator is set to write it)")
     return prompts
 
@@ -111,42 +116,47 @@ def generation_fingerprint(config: GenEvalRunConfig) -> str:
                         "images_per_prompt": config.images_per_prompt})
 
 
+def _complete_prompts(images: str, prompts: list, fp: str) -> set[int]:
+    """The indices whose sample folder holds a completion record for `fp` (one listing, then one
+    read per record found)."""
+    root = Root(images)
+    records = {rel.split("/")[0] for rel in root.list(recursive=True) if rel.endswith(f"/{RECORD}")}
+    return {p.index for p in prompts if f"{p.index:05d}" in records and is_complete(root.sub(f"{p.index:05d}"), fp)}
+
+
 def run_geneval(config: GenEvalRunConfig) -> dict:
     t0 = time.time()
     prompts = check_geneval_inputs(config)
     res = config.resources
     device = "cuda" if res.num_gpus else "cpu"
-    images_dir = Path(config.images).resolve()
-    out = Path(config.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    images = config.images  # a local path (absolute: PathStr) or a URI
     with ray_session(config.ray):
         generated = 0
         if config.generator:
             fp = generation_fingerprint(config)
-            todo = [p for p in prompts if not (sample_dir(images_dir, p.index).is_dir()
-                                               and is_complete(sample_dir(images_dir, p.index), fp))]
+            done = _complete_prompts(images, prompts, fp)
+            todo = [p for p in prompts if p.index not in done]
             if todo:
                 items = [{"line": json.dumps(dataclasses.asdict(p))} for p in todo]
                 ds = ray.data.from_items(items).map_batches(
                     GenerateSamples, fn_constructor_kwargs=dict(
-                        generator=str(Path(config.generator).resolve()), sampling=config.sampling.model_dump(mode="json"),
-                        images_dir=str(images_dir), n=config.images_per_prompt, seed=config.seed, fingerprint=fp,
+                        generator=config.generator, sampling=config.sampling.model_dump(mode="json"),
+                        images_dir=images, n=config.images_per_prompt, seed=config.seed, fingerprint=fp,
                         device=device),
                     batch_size=1, compute=ray.data.ActorPoolStrategy(size=res.num_actors), num_gpus=res.num_gpus,
                     num_cpus=res.num_cpus, batch_format="numpy")
                 generated = sum(len(b["index"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
         wanted = {p.index for p in prompts} if config.generator else None
-        items = [{"file": str(f), "metadata": json.dumps(meta)} for meta, paths in read_sample_dirs(images_dir)
-                 for f in paths if wanted is None or int(f.parent.parent.name) in wanted]
+        items = [{"file": f, "metadata": json.dumps(meta)} for meta, paths in read_sample_dirs(images)
+                 for f in paths if wanted is None or int(basename(parent(parent(f)))) in wanted]
         if not items:
-            raise FileNotFoundError(f"images: {images_dir} holds no GenEval samples")
-        rows = score_rows(items, ScoreSamples, dict(detector=str(Path(config.detector).resolve()),
-                                                    clip=str(Path(config.clip).resolve()), device=device),
+            raise FileNotFoundError(f"images: {images} holds no GenEval samples")
+        rows = score_rows(items, ScoreSamples, dict(detector=config.detector, clip=config.clip, device=device),
                           config.batch_size, res)
     rows.sort(key=lambda r: r["filename"])
     summary = summarize(rows)
-    name = Path(config.generator).name if config.generator else images_dir.name
+    name = basename(config.generator or images)
     body = {"task": "geneval", "summary": summary, "images": len(rows), "generated_prompts": generated,
-            "config": {**config.model_dump(mode="json"), "output": str(out)}, "seconds": time.time() - t0}
-    write_results(out, rows, body, result_table(summary, name))
+            "config": config.model_dump(mode="json"), "seconds": time.time() - t0}
+    write_results(config.output, rows, body, result_table(summary, name))
     return body

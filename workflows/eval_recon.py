@@ -9,11 +9,14 @@ Reconstruction rules: every image is resized (short side) and centre-cropped to 
 Layton tokenizer encodes at its encoder size (256 px -> 16x16 tokens) and decodes at `size` with a
 per-image seed; the SDXL VAE round-trips at `size` (posterior mean); the LlamaGen VQ reconstructs at
 its encoder size and is upsampled (bicubic) to `size` — the VQ's own decoder cannot do better.
-Outputs: `<output>/results.json`, `<output>/results.md` (the paper's table) and a grid per model.
+Outputs: `<output>/results.json`, `<output>/results.md` (the paper's table) and a grid per model;
+`data.path`, a Layton model's `path` and `output` may be URIs (read and written through their
+filesystem).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -30,6 +33,7 @@ from layton.ray_cluster import ray_session
 from layton.recon_metrics import ReconMetricState
 from layton.recon_metrics import to_uint8_rgb
 from layton.seeds import derive_seed
+from layton.storage import Root
 from layton.tables import Table, cell
 from layton.tokenizer import LaytonTokenizer
 from layton.tokenizer import images_to_tensor, vae_decode, vae_encode
@@ -147,9 +151,8 @@ def result_table(results: dict[str, dict], size: int) -> Table:
                   for name, r in results.items()], title=f"Reconstruction at {size}x{size}")
 
 
-def evaluate_model(config: ReconEvalConfig, model, out: Path) -> dict:
+def evaluate_model(config: ReconEvalConfig, model, out: Root) -> dict:
     import ray
-
 
     r = config.resources
     ds = read_image_set(config.data).map_batches(
@@ -172,7 +175,9 @@ def evaluate_model(config: ReconEvalConfig, model, out: Path) -> dict:
 
         k = len(grid) // 2  # top row: originals; bottom row: reconstructions
         rows = [np.concatenate(list(grid[:k]), axis=1), np.concatenate(list(grid[k:]), axis=1)]
-        Image.fromarray(np.concatenate(rows, axis=0)).save(out / f"grid_{_slug(model.name)}.png")
+        buf = io.BytesIO()
+        Image.fromarray(np.concatenate(rows, axis=0)).save(buf, format="PNG")
+        out.write(f"grid_{_slug(model.name)}.png", buf.getvalue())
     return total.result()
 
 
@@ -183,11 +188,10 @@ def _slug(name: str) -> str:
 def run_recon_eval(config: ReconEvalConfig) -> dict:
     t0 = time.time()
     check_recon_inputs(config)
-    out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Root(config.output)  # a local path or a URI: grids and results are written there directly
     with ray_session(config.ray):
         results = {m.name: evaluate_model(config, m, out) for m in config.models}
     body = {"task": "reconstruction", "size": config.size, "data": config.data.path, "results": results,
             "config": config.model_dump(mode="json"), "seconds": time.time() - t0}
-    write_results(out, [{"model": name, **r} for name, r in results.items()], body, result_table(results, config.size))
+    write_results(config.output, [{"model": name, **r} for name, r in results.items()], body, result_table(results, config.size))
     return body

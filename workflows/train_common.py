@@ -1,8 +1,9 @@
 """What every Ray Train job of the project shares: optimizer, batches per epoch, metrics log,
 checkpoint reporting and export, and the `TorchTrainer` driver.
 
-A job directory under `run.storage_path` is a Ray Train run (rerunning the same name resumes from
-its latest checkpoint) plus what the job writes itself:
+A job directory under `run.storage_path` (a local path or a URI: every file below is written
+through `layton.storage`, straight to the bucket, as it is produced) is a Ray Train run (rerunning
+the same name resumes from its latest checkpoint, wherever it runs) plus what the job writes itself:
 
     <job>/checkpoint_*/   Ray Train checkpoints: the model directory + optimizer state
     <job>/tensorboard/    scalars and image grids
@@ -15,10 +16,10 @@ its latest checkpoint) plus what the job writes itself:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -36,9 +37,12 @@ from ray.util.metrics import Gauge
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-from layton.checkpoint_io import load_training_state, save_training_state
+from layton.checkpoint_io import OPTIMIZER_NAME, STATE_NAME, load_training_state, save_training_state
+from layton.completion import RECORD
 from layton.seeds import derive_seed
+from layton.storage import Root, basename, filesystem, parent
 from layton.tokenizer import tensor_to_images
+from workflows.train_resources import alive_nodes, check_cluster_cpus
 
 log = logging.getLogger(__name__)
 
@@ -94,26 +98,98 @@ class EpochBatches:
     def __init__(self, data, batch_size: int, data_cfg, rank: int):
         self.data, self.batch_size, self.cfg, self.rank = data, batch_size, data_cfg, rank
         self.cache: list[dict] = []
+        self.skip = 0
+
+    def replay(self, epoch: int, batches: int) -> None:
+        """Read (without training) what a run resumed at (`epoch`, `batches` into it) had read: the
+        epochs before (Ray Data's file order moves on with each pass over the data, and the cache
+        fills) and the first batches of this one, so the next batch is the one the run would have
+        taken next."""
+        for e in range(1, epoch):
+            for _ in self.epoch(e):
+                pass
+        self.skip = batches
 
     def epoch(self, n: int):
+        skip, self.skip = self.skip, 0
+        for i, rows in enumerate(self._epoch(n)):
+            if i >= skip:
+                yield rows
+
+    def _epoch(self, n: int):
         seed = epoch_seed(self.cfg.shuffle_seed, n, self.rank)
         if self.cache:
             for i in np.random.default_rng(seed).permutation(len(self.cache)):
                 yield self.cache[i]
             return
         for rows in self.data.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=False,
-                                           local_shuffle_buffer_size=8 * self.batch_size, local_shuffle_seed=seed):
+                                           local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
+                                           local_shuffle_seed=seed):
             if self.cfg.cache_in_memory:
                 self.cache.append(rows)
             yield rows
 
 
-class MetricsLog:
-    """Loss window + TensorBoard + history.jsonl on rank 0; `flush` returns the window's metrics."""
+HISTORY = "history.jsonl"
 
-    def __init__(self, job_dir: Path, rank: int, prefix: str, resumed_from: int):
+
+def _history_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")  # a torn line: dropped
+TB_ROLL_BYTES = 16 << 20
+
+
+class TensorBoard:
+    """A SummaryWriter whose event files end up in the job's `tensorboard/`: written there directly
+    on a local disk; on an object store (no append) written to a local temp directory and uploaded
+    whole at each flush, a new event file begun past TB_ROLL_BYTES so uploads stay small."""
+
+    def __init__(self, job: Root):
+        self.out = job.sub("tensorboard")
+        self.dir = self.out.path if job.local else tempfile.mkdtemp(prefix="layton-tensorboard-")
+        self.writer = SummaryWriter(self.dir)
+
+    def _upload(self) -> list[Path]:
+        files = sorted(Path(self.dir).iterdir())
+        for f in files:
+            self.out.write_file(f.name, f)
+        return files
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.out.local:
+            return
+        if sum(f.stat().st_size for f in Path(self.dir).iterdir()) <= TB_ROLL_BYTES:
+            self._upload()
+            return
+        self.writer.close()
+        for f in self._upload():
+            f.unlink()
+        self.writer = SummaryWriter(self.dir)
+
+    def close(self) -> None:
+        self.writer.close()
+        if not self.out.local:
+            self._upload()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class MetricsLog:
+    """Loss window + TensorBoard + history.jsonl on rank 0; `flush` returns the window's metrics.
+
+    The history is kept in memory (with the lines of the runs before, read at start) and rewritten
+    whole at each log step: an object store cannot append."""
+
+    def __init__(self, job_dir: str, rank: int, prefix: str, resumed_from: int):
         self.job_dir, self.prefix, self.resumed_from = job_dir, prefix, resumed_from
-        self.writer = SummaryWriter(str(job_dir / "tensorboard")) if rank == 0 else None
+        self.root = Root(job_dir) if rank == 0 else None
+        self.tb = TensorBoard(self.root) if rank == 0 else None
+        # Lines past the checkpoint resumed from were logged by a run killed before its next
+        # checkpoint: this run logs those steps again, so each step keeps one line.
+        old = (self.root.read(HISTORY) or b"").decode().splitlines() if rank == 0 else []
+        self.history = "".join(line + "\n" for line in old if _history_step(line) <= resumed_from)
         self._gauges: dict[str, Gauge] | None = None
         self._reset()
 
@@ -128,13 +204,13 @@ class MetricsLog:
         dt = max(time.time() - self.t0, 1e-9)
         metrics = {"step": step, "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
                    "samples_per_s": self.samples / dt, **extra}
-        if self.writer is not None:
+        if self.root is not None:
             for k, v in metrics.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"{self.prefix}/{k}", v, step)
-            self.writer.flush()
-            with open(self.job_dir / "history.jsonl", "a") as f:
-                f.write(json.dumps({**metrics, "resumed_from": self.resumed_from, "time": time.time()}) + "\n")
+                    self.tb.writer.add_scalar(f"{self.prefix}/{k}", v, step)
+            self.tb.flush()
+            self.history += json.dumps({**metrics, "resumed_from": self.resumed_from, "time": time.time()}) + "\n"
+            self.root.write(HISTORY, self.history.encode())
             self._export(metrics)
         self._reset()
         return metrics
@@ -148,23 +224,21 @@ class MetricsLog:
                             for k in ("step", "loss", "samples_per_s")}
         for k, g in self._gauges.items():
             if isinstance(metrics.get(k), (int, float)):
-                g.set(float(metrics[k]), tags={"job": self.job_dir.name})
+                g.set(float(metrics[k]), tags={"job": basename(self.job_dir)})
 
-    def add_image(self, tag: str, grid: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, grid, step)
+    def save_grid(self, name: str, images: torch.Tensor, nrow: int, tag: str, step: int) -> None:
+        """(N, 3, H, W) in [-1, 1] -> a PNG grid at `name` under the job dir and a TensorBoard image."""
+        if self.root is None:
+            return
+        grid = make_grid(images.float().cpu().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1))
+        buf = io.BytesIO()
+        tensor_to_images(grid[None] * 2 - 1)[0].save(buf, format="PNG")
+        self.root.write(name, buf.getvalue())
+        self.tb.writer.add_image(tag, grid, step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def save_grid(images: torch.Tensor, nrow: int, path: Path, mlog: MetricsLog, tag: str, step: int) -> None:
-    """(N, 3, H, W) in [-1, 1] -> a PNG grid at `path` and a TensorBoard image."""
-    grid = make_grid(images.float().cpu().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensor_to_images(grid[None] * 2 - 1)[0].save(path)
-    mlog.add_image(tag, grid, step)
+        if self.tb is not None:
+            self.tb.close()
 
 
 def report_checkpoint(save: Callable[[Path], None], opt, sched, state: dict, rank: int, metrics: dict) -> None:
@@ -261,7 +335,7 @@ class TrainTask(Protocol):
 
 
 def run_training(build_task: Callable[[Worker], TrainTask], settings: LoopSettings, *, seed: int, data_cfg,
-                 job_dir: Path) -> None:
+                 job_dir: str) -> None:
     """The training loop of a Ray Train worker: build, resume, then step until `max_steps`, reporting
     metrics every `log_every` steps and a checkpoint every `checkpoint_every` (see `report_step`)."""
     ctx = ray.train.get_context()
@@ -272,12 +346,15 @@ def run_training(build_task: Callable[[Worker], TrainTask], settings: LoopSettin
     opt, sched = build_optimizer(settings.optim, task.params)
 
     step = resumed_from = 0
+    position = {"epoch": 1, "batches": 0, "skipped": 0}  # where in the data the next step starts
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             task.load(Path(d))
-            step = resumed_from = load_training_state(Path(d), opt, sched)["step"]
-        log.warning("%s resumes at step %d", task.name, step)
+            saved = load_training_state(Path(d), opt, sched)
+        step = resumed_from = saved["step"]
+        position.update({k: saved[k] for k in position if k in saved})
+        log.warning("%s resumes at step %d (epoch %d, batch %d)", task.name, step, position["epoch"], position["batches"])
     if step >= settings.max_steps:
         # Nothing to train (max_steps lowered, or killed before the export): Ray's result still holds
         # the restored checkpoint, which the driver exports.
@@ -290,10 +367,12 @@ def run_training(build_task: Callable[[Worker], TrainTask], settings: LoopSettin
     model.train()
     mlog = MetricsLog(job_dir, rank, task.name, resumed_from)
     batches = EpochBatches(ray.train.get_dataset_shard("train"), settings.batch_size, data_cfg, rank)
-    skipped, epoch = 0, 0
+    epoch, skipped = position["epoch"] - 1, position["skipped"]
+    batches.replay(position["epoch"], position["batches"])
+    seen = resumed_at = position["batches"]
     try:
         while step < settings.max_steps:
-            seen, epoch, steps_at_epoch_start = 0, epoch + 1, step
+            epoch, steps_at_epoch_start = epoch + 1, step
             for rows in batches.epoch(epoch):
                 seen += 1
                 b = task.make_batch(rows, step)
@@ -301,6 +380,7 @@ def run_training(build_task: Callable[[Worker], TrainTask], settings: LoopSettin
                     skipped += len(rows["key"])
                     continue
                 skipped += b.skipped
+                torch.manual_seed(derive_seed("train-torch", seed, step, rank))  # dropout & co: as the generator
                 with autocast(worker.device, settings.mixed_precision):
                     loss = task.loss(model, b, step_generator(seed, step, rank))
                 opt.zero_grad(set_to_none=True)
@@ -316,10 +396,14 @@ def run_training(build_task: Callable[[Worker], TrainTask], settings: LoopSettin
                 if checkpoint_due or settings.due(step, settings.log_every):
                     metrics = mlog.flush(step, lr=sched.get_last_lr()[0], grad_norm=grad_norm,
                                          **{task.skipped_metric: skipped}, **task.log_metrics(b))
-                report_step(metrics, checkpoint_due, task.save, opt, sched, {"step": step, **task.state}, rank)
+                state = {"step": step, "epoch": epoch, "batches": seen, "skipped": skipped, **task.state}
+                report_step(metrics, checkpoint_due, task.save, opt, sched, state, rank)
                 if step >= settings.max_steps:
                     break
-            check_epoch(seen, step > steps_at_epoch_start, skipped)
+            else:  # the epoch ran out: the next one starts at its first batch
+                if not (resumed_at and seen == resumed_at):  # (resumed after the epoch's last batch: nothing left)
+                    check_epoch(seen, step > steps_at_epoch_start, skipped)
+                seen = resumed_at = 0
     finally:
         mlog.close()
 
@@ -327,21 +411,23 @@ def run_training(build_task: Callable[[Worker], TrainTask], settings: LoopSettin
 # --- the driver ------------------------------------------------------------------------------------
 
 
-def exported_step(directory: Path) -> int | None:
+def exported_step(directory: str | Path) -> int | None:
+    blob = Root(directory).read(STATE_NAME)
     try:
-        return json.loads((directory / "trainer_state.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return json.loads(blob)["step"] if blob else None
+    except (json.JSONDecodeError, KeyError, TypeError):
         return None
 
 
-def export_checkpoint(checkpoint_dir: Path, dest: Path) -> None:
-    """Copy a checkpoint to `dest` atomically (a temp name, then rename); the optimizer is left out."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns("optimizer.safetensors"))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+def export_checkpoint(checkpoint_dir: Path, dest: str) -> None:
+    """The checkpoint without its optimizer state at `dest` (a local path or a URI). Its training
+    state goes first out and last in (a store may show the files one by one): an export where
+    `exported_step` reads a step is whole."""
+    out = Root(dest)
+    for name in (STATE_NAME, RECORD):
+        out.delete(name)
+    Root(parent(dest)).put_dir(checkpoint_dir, basename(dest), skip=(OPTIMIZER_NAME, STATE_NAME))
+    out.write_file(STATE_NAME, checkpoint_dir / STATE_NAME)
 
 
 @dataclass
@@ -357,30 +443,63 @@ class TrainResult:
     stage: int | None = None  # the tokenizer stage
 
     @classmethod
-    def of(cls, export: Path, started: float, *, skipped: bool = False, metrics: dict | None = None,
+    def of(cls, export: str, started: float, *, skipped: bool = False, metrics: dict | None = None,
            precompute: dict | None = None, stage: int | None = None) -> TrainResult:
         return cls(str(export), exported_step(export), skipped, metrics or {}, precompute, time.time() - started, stage)
 
 
-def fit(train_loop, loop_config: dict, run_cfg, job_dir: Path, datasets: dict, export: Path) -> dict:
-    """Run `train_loop` on `run_cfg.num_workers` Ray Train workers; export the last checkpoint.
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it persisted
 
-    Returns the last reported metrics. The caller has connected to Ray (and shuts a local instance
-    down). A resumed run with no step left reports nothing: Ray's result is then the restored
-    checkpoint (and its metrics), which is exported as it is.
+
+def remove_unrecorded_checkpoints(job_dir: str) -> list[str]:
+    """Delete the job's `checkpoint_*` directories that Ray Train's snapshot does not list: the one a
+    killed run was writing (never recorded, never resumed from). Returns their names."""
+    root = Root(job_dir)
+    try:
+        snapshot = json.loads(root.read(SNAPSHOT) or b"{}")
+    except json.JSONDecodeError:
+        return []  # a torn snapshot: Ray Train says what it makes of it; nothing is deleted on a guess
+    recorded = {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results", [])}
+    found = {name.split("/", 1)[0] for name in root.list(recursive=True) if name.startswith("checkpoint_")}
+    stale = sorted(found - recorded - {SNAPSHOT})
+    for name in stale:
+        root.delete_dir(name)
+        log.warning("%s: removed %s, a checkpoint Ray Train never recorded (its run was killed writing it)",
+                    job_dir, name)
+    return stale
+
+
+def fit(train_loop, loop_config: dict, config, job_dir: str, datasets: dict, export: str) -> dict:
+    """Run `train_loop` on `config.run.num_workers` Ray Train workers; export the last checkpoint.
+
+    Ray Train's storage is the job dir's parent on its own filesystem (a bucket: checkpoints are
+    persisted there as they are reported, and a rerun of the name restores from there). Returns the
+    last reported metrics. The caller has connected to Ray (and shuts a local instance down). A
+    resumed run with no step left reports nothing: Ray's result is then the restored checkpoint
+    (and its metrics), which is exported as it is.
     """
+    run_cfg = config.run
+    check_cluster_cpus(config, alive_nodes())
+    remove_unrecorded_checkpoints(job_dir)
+    fs, storage = filesystem(parent(job_dir))
+    # Blocks in the order read (not as tasks finish), so a resumed run reads its rows in the order
+    # the uninterrupted one did (`EpochBatches.replay`).
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=run_cfg.num_workers, use_gpu=run_cfg.use_gpu,
                                                resources_per_worker={"CPU": run_cfg.cpus_per_worker,
-                                                                     **({"GPU": 1} if run_cfg.use_gpu else {})}),
-        run_config=ray.train.RunConfig(name=job_dir.name, storage_path=str(job_dir.parent)),
+                                                                     **({"GPU": 1} if run_cfg.use_gpu else {})},
+                                               placement_strategy=run_cfg.placement_strategy),
+        run_config=ray.train.RunConfig(name=basename(job_dir), storage_path=storage, storage_filesystem=fs),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"{job_dir.name} finished without a checkpoint in {job_dir}")
+        raise RuntimeError(f"{basename(job_dir)} finished without a checkpoint in {job_dir}")
     with result.checkpoint.as_directory() as d:
         export_checkpoint(Path(d), export)
     return dict(result.metrics or {})

@@ -3,7 +3,7 @@
 `run_gen_training(config)` is what `layton train gen CONFIG` runs: the text precompute pass (flan-t5
 over the captions of the tokenizer's precompute, once), then `train_loop` on N `TorchTrainer`
 workers with DDP; each runs `train_common.run_training` with a `GenTask`. Layout under
-`run.storage_path`:
+`run.storage_path` (a local path or a URI):
 
     <name>/checkpoint_*/   Ray Train checkpoints: a LaytonGen directory + optimizer state
     <name>/tensorboard/    loss, lr, grad norm, samples/s, skipped rows, sample grids
@@ -32,12 +32,14 @@ from layton.gpt_sampling import SamplingParams
 from layton.laytongen import LaytonGenPipeline, gpt_directory, load_gpt_state_dict, save_laytongen
 from layton.model_files import check_model_dir, load_torch_state_dict
 from layton.ray_cluster import ray_session
+from layton.storage import Root, absolute
 from layton.text_encoder import T5_MAX_LENGTH, T5TextEncoder, pad_valid_tokens
 from layton.tokenizer import LaytonTokenizer, images_to_tensor, read_tokenizer_index
 from pipelines.gen_data import check_token_pass, read_text_pass, text_precompute
 from stages.laytongen.config import GenTrainConfig
-from workflows.train_common import (LoopSettings, MetricsLog, TrainResult, Worker, exported_step, fit, run_training,
-                                    save_grid)
+from workflows.train_common import (LoopSettings, MetricsLog, TrainResult, Worker, exported_step, fit,
+                                    run_training)
+from workflows.train_resources import check_cluster_cpus
 
 
 def build_gpt(config: GenTrainConfig, vocab_size: int, caption_dim: int) -> GPT:
@@ -46,7 +48,7 @@ def build_gpt(config: GenTrainConfig, vocab_size: int, caption_dim: int) -> GPT:
     kw = dict(token_dropout_p=arch.token_dropout_p, resid_dropout_p=arch.resid_dropout_p, ffn_dropout_p=arch.ffn_dropout_p,
               caption_dropout_p=arch.caption_dropout_p, block_size=(m.image_size // 16) ** 2)
     if m.init_from:
-        src = Path(m.init_from)
+        src = m.init_from
         if gpt_directory(src) is not None:
             gpt = GPT.from_pretrained(gpt_directory(src))
             gpt = _with_config(gpt, {**gpt.config.to_dict(), **kw})
@@ -149,8 +151,8 @@ class GenTask:
                             steps=s.decode_steps)
         finally:
             gpt.train(was_training)
-        path = config.job_dir() / "samples" / f"step_{step:07d}.png"
-        save_grid(images_to_tensor([g.image for g in out], s.image_size), len(out), path, mlog, "samples", step)
+        mlog.save_grid(f"samples/step_{step:07d}.png", images_to_tensor([g.image for g in out], s.image_size), len(out),
+                       "samples", step)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -168,7 +170,7 @@ def check_gen_models(config: GenTrainConfig) -> int:
     """The text encoder and `model.init_from` (what no other stage writes). Returns the caption dim."""
     m = config.model
     t5 = check_model_dir(m.text_encoder, "model.text_encoder")
-    if m.init_from and not Path(m.init_from).exists():
+    if m.init_from and not Root(m.init_from).exists():
         raise FileNotFoundError(f"model.init_from: {m.init_from} does not exist")
     return json.loads((t5 / "config.json").read_text())["d_model"]
 
@@ -181,7 +183,8 @@ def check_gen_inputs(config: GenTrainConfig) -> tuple[int, int]:
     vq = read_tokenizer_index(m.tokenizer, "model.tokenizer")["vq"]
     vocab = load_torch_state_dict(vq, "LlamaGen VQ", mmap=True)["quantize.embedding.weight"].shape[0]  # shape only
     marker = check_token_pass(config)
-    if Path(marker["settings"]["vq"]).resolve() != Path(vq).resolve():
+    check_cluster_cpus(config)
+    if absolute(marker["settings"]["vq"]) != absolute(vq):
         raise ValueError(f"data.tokens: {config.data.tokens} was encoded with {marker['settings']['vq']}, "
                          f"but model.tokenizer decodes with {vq}")
     return vocab, caption_dim
@@ -190,11 +193,11 @@ def check_gen_inputs(config: GenTrainConfig) -> tuple[int, int]:
 def run_gen_training(config: GenTrainConfig) -> TrainResult:
     t0 = time.time()
     vocab, caption_dim = check_gen_inputs(config)
-    export = config.job_dir() / "laytongen"
+    export = config.export_dir()
     if exported_step(export) == config.train.max_steps:
         return TrainResult.of(export, t0, skipped=True)
     with ray_session(config.ray):
         marker = text_precompute(config)
         metrics = fit(train_loop, {"config": config.model_dump(mode="json"), "vocab_size": vocab, "caption_dim": caption_dim},
-                      config.run, config.job_dir(), {"train": read_text_pass(config)}, export)
+                      config, config.job_dir(), {"train": read_text_pass(config)}, export)
     return TrainResult.of(export, t0, metrics=metrics, precompute=marker)

@@ -5,7 +5,7 @@ precompute pass (when data.precompute), then `train_loop` on N `TorchTrainer` wo
 `train_common.run_training` with a `TokenizerTask` (DDP over the trainable ControlNet copy and
 token embedder; everything else is frozen).
 
-Layout under `run.storage_path`:
+Layout under `run.storage_path` (a local path or a URI):
 
     <name>-stage<N>/checkpoint_*/   Ray Train checkpoints: a whole tokenizer directory + optimizer
     <name>-stage<N>/tensorboard/    loss, lr, grad norm, samples/s, skipped images, recon grids
@@ -34,15 +34,17 @@ from layton.ladd_sampling import consistency_latents
 from layton.perceptual import build_lpips
 from layton.ray_cluster import ray_session
 from layton.tokenizer import LaytonTokenizer, check_tokenizer_models, images_to_tensor, is_tokenizer_dir
-from pipelines.precompute import read_marker
+from pipelines.precompute import read_marker, training_read
 from pipelines.tokenizer_data import (decode_image, precompute, precompute_settings, read_precomputed,
                                       read_shard_images, shard_tars)
 from stages.tokenizer.config import TokenizerTrainConfig
-from workflows.train_common import LoopSettings, MetricsLog, TrainResult, Worker, exported_step, fit, run_training, save_grid
+from workflows.train_common import (LoopSettings, MetricsLog, TrainResult, Worker, exported_step, fit,
+                                    run_training)
+from workflows.train_resources import check_cluster_cpus
 
 
-def init_from(config: TokenizerTrainConfig) -> Path:
-    return Path(config.stage2.init_from) if config.stage2.init_from else config.stage_dir(1) / "tokenizer"
+def init_from(config: TokenizerTrainConfig) -> str:
+    return config.stage2.init_from or config.export_dir(1)
 
 
 # --- the loop that runs on every worker ------------------------------------------------------------
@@ -188,8 +190,8 @@ class TokenizerTask:
             z = tok.latents(features, px, steps=8 if self.stage == 1 else None, generator=torch.Generator("cpu").manual_seed(0))
             recon = tok.vae_decode(z).float().clamp(-1, 1)
         tok.ladd.train(was_training)
-        path = self.config.stage_dir(self.stage) / "grids" / f"step_{step:07d}.png"
-        save_grid(torch.cat([targets.cpu(), recon.cpu()]), targets.shape[0], path, mlog, "reconstruction", step)
+        mlog.save_grid(f"grids/step_{step:07d}.png", torch.cat([targets.cpu(), recon.cpu()]), targets.shape[0],
+                       "reconstruction", step)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -208,6 +210,7 @@ def check_stage_inputs(config: TokenizerTrainConfig, stage: int) -> None:
     check_tokenizer_models(config.model, config.stage2.consistency if stage == 2 else None,
                            config.stage2.lpips if stage == 2 else None)
     shard_tars(config.data.shards)
+    check_cluster_cpus(config)
     if stage == 2 and not is_tokenizer_dir(init_from(config)):
         raise FileNotFoundError(
             f"stage2.init_from: {init_from(config)} is not a tokenizer directory (run stage 1 first, or set stage2.init_from)"
@@ -218,8 +221,7 @@ def run_tokenizer_stage(config: TokenizerTrainConfig, stage: int) -> TrainResult
     t0 = time.time()
     st = config.stage(stage)
     check_stage_inputs(config, stage)
-    out = config.stage_dir(stage)
-    export = out / "tokenizer"
+    out, export = config.stage_dir(stage), config.export_dir(stage)
     marker = None
     if exported_step(export) == st.max_steps:
         # LaytonGen reads the precompute pass: keep it current even when training has nothing to do.
@@ -233,7 +235,7 @@ def run_tokenizer_stage(config: TokenizerTrainConfig, stage: int) -> TrainResult
             marker = precompute(config)
             dataset = read_precomputed(config)
         else:
-            dataset = read_shard_images(config.data.shards)
-        metrics = fit(train_loop, {"config": config.model_dump(mode="json"), "stage": stage}, config.run, out,
+            dataset = read_shard_images(config.data.shards, **training_read(config.data))
+        metrics = fit(train_loop, {"config": config.model_dump(mode="json"), "stage": stage}, config, out,
                       {"train": dataset}, export)
     return TrainResult.of(export, t0, metrics=metrics, precompute=marker, stage=stage)

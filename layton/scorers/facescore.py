@@ -13,7 +13,8 @@ Release layout (Hugging Face `OPPOer/FaceScore`, folder `FaceScore_model/`):
                        (with [DEC]/[ENC]) exactly as ImageReward does, so the same directory serves
 
 What upstream's `FaceScore.get_reward` computes for one image:
-    faces  = detector boxes with confidence >= 0.9 (RetinaFace there; see `layton.faces` here)
+    faces  = batch-face RetinaFace boxes with confidence >= 0.9 (`layton.retinaface` when its
+             weights are given as `detector=`, else the LBP cascade of `layton.faces`)
     crop   = RGB image[int(y0-1):int(y1+1), int(x0-1):int(x1+1)]     (`layton.faces.crop_faces`)
     pixels = ImageReward's Resize(224, bicubic) -> CenterCrop(224) -> CLIP mean/std
     ids    = tokenizer("A face.", padding="max_length", truncation=True, max_length=35)
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from layton.faces import Box, CascadeFaceDetector, crop_box, crop_faces
+from layton.faces import Box, crop_box, crop_faces, make_face_detector
 from layton.model_files import check_file, check_model_dir
 from layton.scorers import check_pairs
 from layton.scorers.imagereward import ImageRewardScorer
@@ -54,18 +55,23 @@ class FaceScoreScorer:
         tokenizer: str | Path,
         device="cpu",
         dtype=torch.float32,
-        detector: FaceDetector | None = None,
+        detector: FaceDetector | str | Path | None = None,
         prompt: str | None = FACE_PROMPT,
         margin: int = 1,
         batch_size: int = 32,
     ):
-        """Load the release. `prompt=None` scores each face against the caller's prompt instead of
+        """Load the release. `detector`: a detector object, or a path for `make_face_detector`
+        (RetinaFace weights, as upstream, run on the CPU as upstream's; or an LBP cascade `.xml`);
+        None: the LBP cascade. `prompt=None` scores each face against the caller's prompt instead of
         upstream's fixed text. Every path is checked before anything is read."""
         checkpoint = check_file(checkpoint, "FaceScore checkpoint")
         med_config = check_file(med_config, "FaceScore med_config")
         tokenizer = check_model_dir(tokenizer, "FaceScore tokenizer", marker="tokenizer_config.json")
-        self.detector = detector if detector is not None else CascadeFaceDetector()
-        self.imagereward = ImageRewardScorer.from_release(checkpoint, med_config, tokenizer, device=device, dtype=dtype)
+        if detector is None or isinstance(detector, (str, Path)):
+            detector = make_face_detector(detector)
+        self.detector = detector
+        self.imagereward = ImageRewardScorer.from_release(checkpoint, med_config, tokenizer, device=device, dtype=dtype,
+                                                          what="FaceScore checkpoint")
         self.prompt = prompt
         self.margin = margin
         self.batch_size = batch_size

@@ -38,6 +38,7 @@ from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
 from layton.checkpoint_io import load_exact
+from layton.model_files import load_torch_file
 from layton.scorers import check_pairs
 
 REWARD_MEAN = 0.16717362830052426
@@ -170,12 +171,12 @@ def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
     return TF.normalize(tensor, CLIP_MEAN, CLIP_STD)
 
 
-def read_imagereward_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+def read_imagereward_state_dict(checkpoint: str | Path, what: str = "ImageReward checkpoint") -> dict[str, torch.Tensor]:
     """The release's tensors (no pickled code runs), less the position_ids buffer once checked."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"ImageReward checkpoint not found: {checkpoint}")
-    sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"{what} not found: {checkpoint}")
+    sd = load_torch_file(checkpoint, what)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -202,11 +203,12 @@ class ImageRewardScorer:
         tokenizer: str | Path,
         device="cpu",
         dtype=torch.float32,
+        what: str = "ImageReward checkpoint",  # how errors name the checkpoint (FaceScore's is another)
     ) -> "ImageRewardScorer":
         for p in (checkpoint, med_config, tokenizer):  # fail on any missing path before reading the big file
             if not Path(p).exists():
                 raise FileNotFoundError(f"ImageReward release file not found: {p}")
-        sd = read_imagereward_state_dict(checkpoint)
+        sd = read_imagereward_state_dict(checkpoint, what)
         with torch.device("meta"):  # shapes only; the checkpoint supplies every tensor
             try:
                 vit = blip_vit(sd)

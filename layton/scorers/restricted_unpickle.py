@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -74,14 +75,12 @@ class StandIn:
         pass
 
     def __setstate__(self, state):
-        # Pickled state is a dict, or (dict, slot_dict) for objects with __slots__.
-        if isinstance(state, tuple) and len(state) == 2:
-            dict_state, slot_state = state
-            for part in (dict_state, slot_state):
+        # Pickled state is a dict, or (dict, slot_dict) for objects with __slots__. The stand-in's own
+        # bookkeeping (`_standin_*`) is not the file's to replace.
+        if isinstance(state, (tuple, dict)) and (isinstance(state, dict) or len(state) == 2):
+            for part in (state,) if isinstance(state, dict) else state:
                 if isinstance(part, dict):
-                    self.__dict__.update({k: v for k, v in part.items() if isinstance(k, str)})
-        elif isinstance(state, dict):
-            self.__dict__.update({k: v for k, v in state.items() if isinstance(k, str)})
+                    self.__dict__.update({k: v for k, v in part.items() if isinstance(k, str) and not k.startswith("_standin_")})
         else:
             self.__dict__["_standin_state"] = state
 
@@ -100,8 +99,22 @@ class StandIn:
         return f"<stand-in for {module}.{name}>"
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles the `data.pkl` of a torch zip checkpoint into stand-ins plus real tensors."""
+def _refuse(opcode: str, target) -> None:
+    what = getattr(target, "__qualname__", None) or type(target).__name__
+    raise pickle.UnpicklingError(
+        f"refused: {opcode} on {type(target).__name__} {what!r}; a checkpoint may only fill in the objects it "
+        "creates (stand-ins, dicts, lists), never change a function, class or module of the loading process")
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Unpickles the `data.pkl` of a torch zip checkpoint into stand-ins plus real tensors.
+
+    The pure-Python unpickler, so that the opcodes that change an existing object (BUILD, SETITEM(S),
+    APPEND(S), ADDITEMS) can be confined to plain data this unpickler made itself: `find_class` hands out
+    live functions (torch's rebuilds, `OrderedDict`), and BUILD on one of those would set attributes of
+    the loading process's own objects (`__defaults__`, `__dict__`)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, zip_file: zipfile.ZipFile, prefix: str):
         super().__init__(file)
@@ -109,6 +122,66 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._prefix = prefix
         self._storages: dict[str, torch.storage.TypedStorage] = {}
         self._standins: dict[tuple[str, str], type] = {}
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, StandIn):  # an instance: stand-in classes are types, not StandIn instances
+            StandIn.__setstate__(inst, state)  # not inst.__setstate__: its __dict__ could shadow the method
+        elif type(inst) is collections.OrderedDict and isinstance(state, dict):
+            # A state_dict's `_metadata` attribute: an OrderedDict this pickle built, plain data on it.
+            inst.__dict__.update({k: v for k, v in state.items() if isinstance(k, str)})
+        else:
+            _refuse("BUILD", inst)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _set_items(self, target, items: list, opcode: str) -> None:
+        if type(target) in (dict, collections.OrderedDict):
+            for k, v in zip(items[::2], items[1::2]):
+                target[k] = v
+        elif isinstance(target, StandIn):
+            for k, v in zip(items[::2], items[1::2]):
+                StandIn.__setitem__(target, k, v)
+        else:
+            _refuse(opcode, target)
+
+    def load_setitem(self):
+        value, key = self.stack.pop(), self.stack.pop()
+        self._set_items(self.stack[-1], [key, value], "SETITEM")
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        self._set_items(self.stack[-1], items, "SETITEMS")
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def _append(self, target, items: list, opcode: str) -> None:
+        if type(target) is list:
+            target.extend(items)
+        elif isinstance(target, StandIn):
+            StandIn.extend(target, items)
+        else:
+            _refuse(opcode, target)
+
+    def load_append(self):
+        item = self.stack.pop()
+        self._append(self.stack[-1], [item], "APPEND")
+
+    def load_appends(self):
+        items = self.pop_mark()
+        self._append(self.stack[-1], items, "APPENDS")
+
+    def load_additems(self):
+        items = self.pop_mark()
+        if type(self.stack[-1]) is not set:
+            _refuse("ADDITEMS", self.stack[-1])
+        self.stack[-1].update(items)
+
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends
+    dispatch[pickle.ADDITEMS[0]] = load_additems
 
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED_CALLABLES:
@@ -167,7 +240,9 @@ def restricted_load(path: str | Path):
         unpickler = RestrictedUnpickler(io.BytesIO(zf.read(f"{prefix}data.pkl")), zf, prefix)
         try:
             return unpickler.load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
+        # The pure-Python unpickler reports a malformed stream with these too (stack, memo, short read).
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError,
+                struct.error) as err:
             raise ValueError(f"{path}: could not read checkpoint: {err}") from err
 
 

@@ -17,6 +17,9 @@ class FaceScorePaths(Section):
     checkpoint: PathStr  # FS_model.pt
     med_config: PathStr  # med_config.json
     tokenizer: PathStr  # bert-base-uncased tokenizer directory
+    # Face detector: RetinaFace weights as FaceScore uses (mobilenet0.25_Final.pth, or Resnet50_Final.pth),
+    # or an OpenCV LBP cascade .xml; None: scikit-image's LBP cascade (not upstream's detector)
+    detector: PathStr | None = None
 
 
 class PreferenceScorers(Section):

@@ -3,6 +3,7 @@ the completion record for these settings."""
 
 from __future__ import annotations
 
+from layton.storage import join
 from stages.base import StageResult, setdefault_dotted
 from stages.eval_recon.config import ReconEvalConfig
 from stages.evaluation import EvalStage
@@ -19,8 +20,8 @@ class ReconEvalStage(EvalStage):
     help = "rFID / PSNR / SSIM / LPIPS of tokenizers and baselines"
 
     def with_defaults(self, raw: dict, root: str, earlier: dict) -> dict:
-        setdefault_dotted(raw, "data.path", f"{root}/shards")
-        setdefault_dotted(raw, "output", f"{root}/eval/{self.kind}")
+        setdefault_dotted(raw, "data.path", join(root, "shards"))
+        setdefault_dotted(raw, "output", join(root, "eval", self.kind))
         for m in raw.get("models") or []:
             if isinstance(m, dict) and m.get("kind") == "layton":
                 m.setdefault("path", tokenizer_outputs(root, earlier)[1])

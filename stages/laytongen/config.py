@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from layton.config import OptimConfig, PathStr, RayConfig, Runtime, SamplingConfig, Section, TrainRunConfig
+from layton.config import OptimConfig, PathStr, RayConfig, Runtime, SamplingConfig, Section, TrainDataConfig, TrainRunConfig
+from layton.storage import join
 
 
 class GPTArch(Section):
@@ -46,13 +46,11 @@ class GenModelConfig(Section):
         return self
 
 
-class GenDataConfig(Section):
+class GenDataConfig(TrainDataConfig):
     tokens: PathStr  # the tokenizer's precompute directory (key, caption, tokens_<image_size>)
     precompute_dir: Runtime[PathStr | None] = None  # text features; default: <storage_path>/<name>-text
     num_actors: Runtime[int] = Field(1, ge=1)  # text-encoder actors
     num_gpus: Runtime[float] = Field(0.0, ge=0)  # per text-encoder actor
-    shuffle_seed: int = 0
-    cache_in_memory: Runtime[bool] = False  # as in the tokenizer's data section
 
 
 class GenTrainLoop(Section):
@@ -75,9 +73,12 @@ class GenTrainConfig(Section):
     sampling: SamplingConfig = SamplingConfig()
     ray: Runtime[RayConfig] = RayConfig()
 
-    def job_dir(self) -> Path:
-        """The Ray Train run directory; its export is `laytongen/` inside."""
-        return Path(self.run.storage_path) / self.run.name
+    def job_dir(self) -> str:
+        """The Ray Train run directory (a local path or a URI); its export is `laytongen/` inside."""
+        return join(self.run.storage_path, self.run.name)
 
-    def text_path(self) -> Path:
-        return Path(self.data.precompute_dir or Path(self.run.storage_path) / f"{self.run.name}-text")
+    def export_dir(self) -> str:
+        return join(self.job_dir(), "laytongen")
+
+    def text_path(self) -> str:
+        return self.data.precompute_dir or join(self.run.storage_path, f"{self.run.name}-text")

@@ -5,7 +5,6 @@ Its completion record lies in the export (`<run.storage_path>/<run.name>/laytong
 
 from __future__ import annotations
 
-
 from stages.base import Stage, StageResult, setdefault_dotted
 from stages.laytongen.config import GenTrainConfig
 from stages.tokenizer.stage import tokenizer_outputs
@@ -15,7 +14,7 @@ RUN_NAME = "laytongen"
 
 
 def laytongen_export(cfg: GenTrainConfig) -> str:
-    return str(cfg.job_dir() / "laytongen")
+    return cfg.export_dir()
 
 
 class LaytonGenStage(Stage):
@@ -38,9 +37,11 @@ class LaytonGenStage(Stage):
         return [laytongen_export(cfg)]
 
     def check(self, cfg: GenTrainConfig) -> None:
+        from workflows.train_resources import check_cluster_cpus
         from workflows.train_gen import check_gen_models
 
         check_gen_models(cfg)
+        check_cluster_cpus(cfg)
 
     def record_dir(self, cfg: GenTrainConfig) -> str:
         return laytongen_export(cfg)

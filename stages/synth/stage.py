@@ -32,9 +32,9 @@ class SynthStage(Stage):
 
     def check(self, cfg: SynthConfig) -> None:
         from layton.model_files import check_synth_models
-        from pipelines.prompts import list_inputs
+        from pipelines.plan import make_plan
 
-        list_inputs(cfg.prompts)
+        make_plan(cfg.prompts, cfg.output.shard_size, check=True)  # footers, and every used row group decodes
         check_synth_models(cfg)
 
     def record_dir(self, cfg: SynthConfig) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from layton.config import LPIPSConfig, OptimConfig, PathStr, RayConfig, Runtime, Section, TrainRunConfig
+from layton.config import LPIPSConfig, OptimConfig, PathStr, RayConfig, Runtime, Section, TrainDataConfig, TrainRunConfig
+from layton.storage import join
 
 
 class TokenizerModelConfig(Section):
@@ -69,16 +69,12 @@ class Stage2Config(StageConfig):
     init_from: PathStr | None = None  # stage-1 tokenizer directory; default: the stage-1 run's export
 
 
-class TokenizerDataConfig(Section):
+class TokenizerDataConfig(TrainDataConfig):
     shards: list[PathStr] = Field(min_length=1)  # synthesis output directories (complete shards are read)
     precompute: bool = True  # encode tokens + VAE latents once (Ray Data) instead of every step
     precompute_dir: Runtime[PathStr | None] = None  # default: <storage_path>/<name>-precompute
     num_actors: Runtime[int] = Field(1, ge=1)  # precompute actors
     num_gpus: Runtime[float] = Field(0.0, ge=0)  # per precompute actor
-    shuffle_seed: int = 0
-    # Keep each worker's rows in memory after the first epoch (small data sets: the demo, tests);
-    # large ones stream every epoch from Ray Data.
-    cache_in_memory: Runtime[bool] = False
 
 
 class TokenizerTrainConfig(Section):
@@ -92,12 +88,15 @@ class TokenizerTrainConfig(Section):
     def stage(self, n: int) -> StageConfig:
         return self.stage1 if n == 1 else self.stage2
 
-    def stage_dir(self, n: int) -> Path:
-        """Stage n's Ray Train run directory; its export is `tokenizer/` inside."""
-        return Path(self.run.storage_path) / f"{self.run.name}-stage{n}"
+    def stage_dir(self, n: int) -> str:
+        """Stage n's Ray Train run directory (a local path or a URI); its export is `tokenizer/` inside."""
+        return join(self.run.storage_path, f"{self.run.name}-stage{n}")
 
-    def precompute_path(self) -> Path:
-        return Path(self.data.precompute_dir or Path(self.run.storage_path) / f"{self.run.name}-precompute")
+    def export_dir(self, n: int) -> str:
+        return join(self.stage_dir(n), "tokenizer")
+
+    def precompute_path(self) -> str:
+        return self.data.precompute_dir or join(self.run.storage_path, f"{self.run.name}-precompute")
 
     def resolutions(self) -> list[int]:
         return sorted({px for st in (self.stage1, self.stage2) for _, px in st.resolution_schedule})

@@ -7,8 +7,7 @@ stage-2 section, so tuning stage 2 does not retrain stage 1.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from layton.storage import join
 from stages.base import Stage, StageResult, setdefault_dotted
 from stages.tokenizer.config import TokenizerTrainConfig
 from stages.training import training_result
@@ -21,9 +20,9 @@ def tokenizer_outputs(root: str, earlier: dict) -> tuple[str, str]:
     section with the default run name writes them under `root` (an earlier run of the workflow)."""
     if "tokenizer" in earlier:
         tok = earlier["tokenizer"]
-        return str(tok.precompute_path()), str(tok.stage_dir(2) / "tokenizer")
-    train = Path(root) / "train"
-    return str(train / f"{RUN_NAME}-precompute"), str(train / f"{RUN_NAME}-stage2" / "tokenizer")
+        return tok.precompute_path(), tok.export_dir(2)
+    train = join(root, "train")
+    return join(train, f"{RUN_NAME}-precompute"), join(train, f"{RUN_NAME}-stage2", "tokenizer")
 
 
 class TokenizerStage(Stage):
@@ -42,17 +41,20 @@ class TokenizerStage(Stage):
         return [(f"data.shards[{i}]", s) for i, s in enumerate(cfg.data.shards)]
 
     def outputs(self, cfg: TokenizerTrainConfig) -> list[str]:
-        export = str(cfg.stage_dir(self.n) / "tokenizer")
-        return [str(cfg.precompute_path()), export] if self.n == 1 else [export]
+        export = cfg.export_dir(self.n)
+        return [cfg.precompute_path(), export] if self.n == 1 else [export]
 
     def check(self, cfg: TokenizerTrainConfig) -> None:
         from layton.tokenizer import check_tokenizer_models
 
+        from workflows.train_resources import check_cluster_cpus
+
         check_tokenizer_models(cfg.model, cfg.stage2.consistency if self.n == 2 else None,
                                cfg.stage2.lpips if self.n == 2 else None)
+        check_cluster_cpus(cfg)
 
     def record_dir(self, cfg: TokenizerTrainConfig) -> str:
-        return str(cfg.stage_dir(self.n) / "tokenizer")
+        return cfg.export_dir(self.n)
 
     def settings(self, cfg: TokenizerTrainConfig):
         if self.n == 2:

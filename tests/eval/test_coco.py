@@ -63,7 +63,7 @@ def test_images_match_captions_by_stem_or_metadata(tmp_path):
     for name in ("397133.jpg", "sub/000000000139.png", "unrelated.png"):
         Image.new("RGB", (8, 8)).save(d / name)
     files, missing = match_images(d, ["000000397133", "000000000139", "000000000285"])
-    assert files == {"000000397133": d / "397133.jpg", "000000000139": d / "sub/000000000139.png"}
+    assert files == {"000000397133": str(d / "397133.jpg"), "000000000139": str(d / "sub/000000000139.png")}
     assert missing == ["000000000285"]
     # `layton generate` output: metadata.jsonl names the files; failed rows and cut lines have none.
     g = tmp_path / "ours"
@@ -71,7 +71,7 @@ def test_images_match_captions_by_stem_or_metadata(tmp_path):
     Image.new("RGB", (8, 8)).save(g / "images/a.png")
     (g / "metadata.jsonl").write_text(json.dumps({"id": "a", "file": "images/a.png", "error": ""}) + "\n"
                                       + json.dumps({"id": "b", "file": "", "error": "RuntimeError: x"}) + "\n{\"id\": \"c\", ")
-    assert match_images(g, ["a", "b", "c"]) == ({"a": g / "images/a.png"}, ["b", "c"])
+    assert match_images(g, ["a", "b", "c"]) == ({"a": str(g / "images/a.png")}, ["b", "c"])
 
 
 def test_means_do_not_depend_on_row_order():

@@ -139,7 +139,7 @@ def test_sample_dir_round_trip(tmp_path):
     images = [Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)) for _ in range(3)]
     for p in (prompts[4], prompts[0]):
         written = write_sample_dir(out, p, images, "f" * 16)
-        assert written == out / f"{p.index:05d}"
+        assert written == str(out / f"{p.index:05d}")
     assert sorted(x.name for x in out.iterdir()) == ["00000", "00004"]  # no temporary folder left
     assert sorted(x.name for x in (out / "00004" / "samples").iterdir()) == ["0000.png", "0001.png", "0002.png"]
     # metadata.jsonl holds the metadata line's object, as GenEval's generator writes it
@@ -151,12 +151,12 @@ def test_sample_dir_round_trip(tmp_path):
     (out / "00004" / "samples" / "0000.png.bak").write_bytes(b"")
     found = read_sample_dirs(out)
     assert [m for m, _ in found] == [OFFICIAL_LINES[0], OFFICIAL_LINES[4]]
-    assert [p.name for p in found[1][1]] == ["0000.png", "0001.png", "0002.png"]
+    assert found[1][1] == [str(out / "00004" / "samples" / f"{k:04d}.png") for k in range(3)]
     assert np.array_equal(np.asarray(Image.open(found[1][1][2])), np.asarray(images[2]))
 
     # rewriting a prompt replaces its folder whole
     write_sample_dir(out, prompts[4], images[:1], "f" * 16)
-    assert [p.name for p in read_sample_dirs(out)[1][1]] == ["0000.png"]
+    assert read_sample_dirs(out)[1][1] == [str(out / "00004" / "samples" / "0000.png")]
 
     (out / "00007").mkdir()
     (out / "00007" / "metadata.jsonl").write_text('{"tag": "nope"}')

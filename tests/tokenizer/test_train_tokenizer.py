@@ -62,10 +62,16 @@ def test_both_stages_train_and_export(tiny_zoo, ray_local, tmp_path):
     assert again.skipped and again.step == 2
 
 
-def test_killed_run_resumes_from_its_checkpoint(tiny_zoo, photo_shards, tmp_path):
-    cfg = tokenizer_config_dict(tiny_zoo, photo_shards, tmp_path / "runs", **{
-        **FAST, "stage1__max_steps": 12, "stage1__checkpoint_every": 4, "stage1__log_every": 2,
-        "stage1__optim__warmup_steps": 20, "data__precompute": False})
+def test_killed_run_resumes_from_its_checkpoint(tiny_zoo, photo_shards, ray_local, tmp_path):
+    """SIGKILL after the first checkpoint, then a rerun: it resumes there, restores optimizer, LR
+    schedule, random draws and data position, so every logged loss equals an uninterrupted run's;
+    the history holds one line per step and the killed run's unrecorded checkpoint is gone."""
+    from workflows.train_tokenizer import run_tokenizer_stage
+
+    settings = {**FAST, "stage1__max_steps": 12, "stage1__checkpoint_every": 4, "stage1__log_every": 2,
+                "stage1__optim__warmup_steps": 20, "data__precompute": False, "data__cache_in_memory": True,
+                "stage1__batch_size": 2}  # 2 epochs of the photo shards in 12 steps: replay crosses an epoch
+    cfg = tokenizer_config_dict(tiny_zoo, photo_shards, tmp_path / "runs", **settings)
     path = tmp_path / "tok.yaml"
     path.write_text(yaml.safe_dump(cfg))
     stage_dir = tmp_path / "runs" / "tokenizer-stage1"
@@ -83,6 +89,16 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_zoo, photo_shards, tmp_path
     start = second[0]["resumed_from"]
     assert start % 4 == 0 and 4 <= start <= first
     assert [h["step"] for h in second] == list(range(start + 2, 13, 2))  # the step counter goes on
+    assert [h["step"] for h in history] == list(range(2, 13, 2))  # one line per step
+    recorded = {r["checkpoint_dir_name"] for r in json.loads((stage_dir / "checkpoint_manager_snapshot.json").read_text())
+                ["checkpoint_results"]}
+    assert {p.name for p in stage_dir.glob("checkpoint_*") if p.is_dir()} == recorded
+
+    whole = run_tokenizer_stage(TokenizerTrainConfig.model_validate(
+        tokenizer_config_dict(tiny_zoo, photo_shards, tmp_path / "whole", **settings)), 1)
+    assert whole.step == 12
+    reference = {h["step"]: h["loss"] for h in _history(tmp_path / "whole" / "tokenizer-stage1")}
+    assert {h["step"]: pytest.approx(reference[h["step"]], abs=1e-6) for h in history} == reference
     # The LR warm-up continues where it stopped instead of starting over: the schedule was restored.
     assert second[0]["lr"] == pytest.approx(1e-4 * (start + 3) / 20)  # LambdaLR: factor (updates + 1) / 20
     final = max((p.parent for p in stage_dir.glob("checkpoint_*/trainer_state.json")),

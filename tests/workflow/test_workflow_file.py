@@ -61,7 +61,7 @@ def test_explicit_paths_win_and_order_is_fixed(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"stages": {"synthesis": {}}}, r"wf.yaml: stages.synthesis: unknown stage"),
     ({"name": "has space"}, r"wf.yaml: name: String should match pattern"),
-    ({"root": "nosuchfs://bucket/run"}, r"wf.yaml: root: nosuchfs://bucket/run: no pyarrow or fsspec filesystem handles it"),
+    ({"root": "nosuchfs://bucket/run"}, r"wf.yaml: root: nosuchfs://bucket/run: no pyarrow or fsspec filesystem handles nosuchfs://"),
     ({"stages": {}}, r"wf.yaml: stages: "),
     ({"ray": {"num_cpu": 4}}, r"wf.yaml: ray.num_cpu: Extra inputs are not permitted"),
 ])
