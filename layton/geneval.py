@@ -236,10 +236,9 @@ def write_sample_dir(outdir: str | Path, prompt: GenEvalPrompt, images: Sequence
     """Write one prompt's folder in GenEval's layout under `outdir` (a local path or a URI); returns
     `<outdir>/<index:05d>`. An existing folder for the same index is replaced.
 
-    The folder is assembled in a local temp directory and put in place with `Root.put_dir`: on a
-    local disk whole at once (a rename; the completion record, with the generation settings'
-    `fingerprint`, inside it), on an object store file by file, the old record deleted first and
-    the new one written last, so a folder cut by a kill is never taken for complete.
+    The folder, with its completion record (the generation settings' `fingerprint`), is assembled in
+    a local temp directory and put in place with `Root.put_dir`, record last: a folder cut by a kill
+    is never taken for complete.
     """
     if not images:
         raise ValueError(f"prompt {prompt.index} ({prompt.prompt!r}): no images to write")
@@ -251,13 +250,8 @@ def write_sample_dir(outdir: str | Path, prompt: GenEvalPrompt, images: Sequence
         (folder / "metadata.jsonl").write_text(json.dumps(prompt.raw), encoding="utf-8")
         for k, image in enumerate(images):
             image.save(folder / "samples" / f"{k:04d}.png")
-        if root.local:
-            mark_complete(folder, fingerprint, images=len(images))
-            root.put_dir(folder, name)
-        else:
-            root.sub(name).delete(RECORD)
-            root.put_dir(folder, name)
-            mark_complete(root.sub(name), fingerprint, images=len(images))
+        mark_complete(folder, fingerprint, images=len(images))
+        root.put_dir(folder, name, last=(RECORD,))
     return sample_dir(outdir, prompt.index)
 
 

@@ -14,6 +14,7 @@ a later one loads) is pulled once into the node's cache with `local_copy`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -126,6 +127,18 @@ def local_copy(location: str | Path, what: str = "") -> Path:
     return dest
 
 
+@functools.lru_cache(maxsize=1024)
+def _directory(location: str) -> "Root":
+    # Opened once per directory and process: opening an S3 filesystem builds a client (and may ask
+    # for the bucket's region), too much to do for every image an actor reads.
+    return Root(location)
+
+
+def read_location(location: str | Path) -> bytes | None:
+    """A file's bytes by its location (a local path or a URI); None when it does not exist."""
+    return _directory(absolute(parent(location))).read(basename(location))  # absolute: a cwd change is seen
+
+
 def _write_atomic(final: Path, data: bytes) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
@@ -207,10 +220,11 @@ class Root:
         except OSError as e:
             raise self._fail("write", name, e) from None
 
-    def put_dir(self, local: str | Path, name: str, skip: tuple[str, ...] = ()) -> None:
+    def put_dir(self, local: str | Path, name: str, skip: tuple[str, ...] = (), last: tuple[str, ...] = ()) -> None:
         """A local directory tree at `name`, replacing what was there (files named in `skip` left
-        out). Locally whole at once (a temp name, then a rename); on an object store file by file,
-        so a reader must wait for the caller's completion record, written after this returns."""
+        out). Locally whole at once (a temp name, then a rename). On an object store file by file:
+        what is replaced goes first and the files named in `last` (a completion record, a training
+        state) come last, so a reader who finds those finds the whole directory."""
         local = Path(local)
         files = sorted(f for f in local.rglob("*") if f.is_file() and f.name not in skip)
         if self.local:
@@ -222,11 +236,11 @@ class Root:
             os.replace(tmp, dest)
             return
         target = self.sub(name)
-        stale = set(target.list(recursive=True)) - {f.relative_to(local).as_posix() for f in files}
-        for f in files:
-            target.write_file(f.relative_to(local).as_posix(), f)
-        for rel in stale:
+        new = {f.relative_to(local).as_posix(): f for f in files}
+        for rel in set(target.list(recursive=True)) - (set(new) - set(last)):
             target.delete(rel)
+        for rel in sorted(new, key=lambda r: r in last):  # (a stable sort: `last` at the end)
+            target.write_file(rel, new[rel])
 
     def delete_dir(self, name: str = "") -> None:
         try:

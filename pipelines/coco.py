@@ -12,9 +12,9 @@ import json
 import math
 from pathlib import Path, PurePosixPath
 
-from layton.storage import Root, join
+from layton.storage import Root, join, read_location
 from layton.tables import Table, cell
-from pipelines.eval_data import image_names, read_location
+from pipelines.eval_data import image_names
 from pipelines.generate import METADATA, read_prompt_file
 
 METRICS = {"imagereward": "ImageReward", "mps": "MPS", "hpsv2": "HPSv2", "facescore": "FaceScore"}

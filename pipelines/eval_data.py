@@ -8,7 +8,6 @@ becomes a skipped-and-counted row there instead of failing the job.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import PurePosixPath
@@ -16,24 +15,12 @@ from pathlib import PurePosixPath
 import numpy as np
 import ray
 
-from layton.storage import Root, absolute, basename, parent
+from layton.storage import Root
 from layton.tables import Table
 from pipelines.shards import complete_shards, shard_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SHARD_IMAGE_MEMBERS = ("jpg", "png", "webp")
-
-
-@functools.lru_cache(maxsize=1024)
-def _directory(location: str) -> Root:
-    # Opened once per directory and process: opening an S3 filesystem builds a client (and may ask
-    # for the bucket's region), too much to do for every image an actor reads.
-    return Root(location)
-
-
-def read_location(location: str) -> bytes | None:
-    """A file's bytes by its location (a local path or a URI); None when it does not exist."""
-    return _directory(absolute(parent(location))).read(basename(location))  # absolute: a cwd change is seen
 
 
 def _is_image(name: str) -> bool:

@@ -27,9 +27,8 @@ from layton.devices import pick_device
 from layton.laytongen import LaytonGenPipeline
 from layton.laytongen import TOKENIZER_SUBFOLDER, read_laytongen_index
 from layton.ray_cluster import ray_session
-from layton.storage import Root, absolute, local_copy
+from layton.storage import Root, absolute, local_copy, read_location
 from layton.tokenizer import read_tokenizer_index
-from pipelines.eval_data import read_location
 from pipelines.prompts import prompt_seed
 
 METADATA = "metadata.jsonl"

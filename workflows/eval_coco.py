@@ -29,9 +29,9 @@ from layton.scorers.facescore import FaceScoreScorer
 from layton.scorers.hpsv2 import HPSv2Scorer
 from layton.scorers.imagereward import ImageRewardScorer
 from layton.scorers.mps import MPSScorer
-from layton.storage import Root, basename
+from layton.storage import Root, basename, read_location
 from pipelines.coco import match_images, read_captions, result_table, summarize
-from pipelines.eval_data import read_location, score_rows, write_results
+from pipelines.eval_data import score_rows, write_results
 from pipelines.generate import GenerateSettings, check_laytongen_dir, generate_prompts
 from stages.eval_coco.config import CocoEvalConfig, PreferenceScorers
 

@@ -34,8 +34,8 @@ from layton.model_files import check_model_dir
 from layton.ray_cluster import ray_session
 from layton.scorers.clip_colour import ClipColourClassifier
 from layton.seeds import derive_seed
-from layton.storage import Root, basename, parent
-from pipelines.eval_data import read_location, score_rows, write_results
+from layton.storage import Root, basename, parent, read_location
+from pipelines.eval_data import score_rows, write_results
 from pipelines.generate import check_laytongen_dir
 from stages.eval_geneval.config import GenEvalRunConfig
 

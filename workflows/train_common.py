@@ -38,7 +38,6 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 from layton.checkpoint_io import OPTIMIZER_NAME, STATE_NAME, load_training_state, save_training_state
-from layton.completion import RECORD
 from layton.seeds import derive_seed
 from layton.storage import Root, basename, filesystem, parent
 from layton.tokenizer import tensor_to_images
@@ -98,20 +97,16 @@ class EpochBatches:
     def __init__(self, data, batch_size: int, data_cfg, rank: int):
         self.data, self.batch_size, self.cfg, self.rank = data, batch_size, data_cfg, rank
         self.cache: list[dict] = []
-        self.skip = 0
 
-    def replay(self, epoch: int, batches: int) -> None:
-        """Read (without training) what a run resumed at (`epoch`, `batches` into it) had read: the
-        epochs before (Ray Data's file order moves on with each pass over the data, and the cache
-        fills) and the first batches of this one, so the next batch is the one the run would have
-        taken next."""
-        for e in range(1, epoch):
-            for _ in self.epoch(e):
+    def replay(self, epochs: int) -> None:
+        """Read, without training, the first `epochs` epochs, as a resumed run must: Ray Data's
+        file order moves on with each pass over the data, and the cache fills."""
+        for e in range(1, epochs + 1):
+            for _ in self._epoch(e):
                 pass
-        self.skip = batches
 
-    def epoch(self, n: int):
-        skip, self.skip = self.skip, 0
+    def epoch(self, n: int, skip: int = 0):
+        """Epoch `n`'s batches after the first `skip` (read, not yielded: where a resumed run starts)."""
         for i, rows in enumerate(self._epoch(n)):
             if i >= skip:
                 yield rows
@@ -131,6 +126,7 @@ class EpochBatches:
 
 
 HISTORY = "history.jsonl"
+TB_ROLL_BYTES = 16 << 20
 
 
 def _history_step(line: str) -> float:
@@ -138,7 +134,6 @@ def _history_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return float("inf")  # a torn line: dropped
-TB_ROLL_BYTES = 16 << 20
 
 
 class TensorBoard:
@@ -368,12 +363,12 @@ def run_training(build_task: Callable[[Worker], TrainTask], settings: LoopSettin
     mlog = MetricsLog(job_dir, rank, task.name, resumed_from)
     batches = EpochBatches(ray.train.get_dataset_shard("train"), settings.batch_size, data_cfg, rank)
     epoch, skipped = position["epoch"] - 1, position["skipped"]
-    batches.replay(position["epoch"], position["batches"])
+    batches.replay(position["epoch"] - 1)
     seen = resumed_at = position["batches"]
     try:
         while step < settings.max_steps:
             epoch, steps_at_epoch_start = epoch + 1, step
-            for rows in batches.epoch(epoch):
+            for rows in batches.epoch(epoch, skip=resumed_at):
                 seen += 1
                 b = task.make_batch(rows, step)
                 if b is None:
@@ -421,13 +416,9 @@ def exported_step(directory: str | Path) -> int | None:
 
 def export_checkpoint(checkpoint_dir: Path, dest: str) -> None:
     """The checkpoint without its optimizer state at `dest` (a local path or a URI). Its training
-    state goes first out and last in (a store may show the files one by one): an export where
-    `exported_step` reads a step is whole."""
-    out = Root(dest)
-    for name in (STATE_NAME, RECORD):
-        out.delete(name)
-    Root(parent(dest)).put_dir(checkpoint_dir, basename(dest), skip=(OPTIMIZER_NAME, STATE_NAME))
-    out.write_file(STATE_NAME, checkpoint_dir / STATE_NAME)
+    state comes last (a store may show the files one by one): an export where `exported_step` reads
+    a step is whole; the old completion record is gone before anything is replaced."""
+    Root(parent(dest)).put_dir(checkpoint_dir, basename(dest), skip=(OPTIMIZER_NAME,), last=(STATE_NAME,))
 
 
 @dataclass
