@@ -175,8 +175,11 @@ DEFAULT_LAYTONGEN = "runs/demo/train/laytongen/laytongen"
 def _generate(args) -> None:
     from pipelines.generate import GenerateSettings, generate_from_file
 
+    from layton.config import Acceleration
+
     settings = GenerateSettings(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                size=args.size, decode_steps=args.steps, seed=args.seed)
+                                size=args.size, decode_steps=args.steps, seed=args.seed, dtype=args.dtype)
+    accel = Acceleration(compile=args.compile, attention=args.attention)
     if args.prompts:
         if args.prompt is not None:
             raise ValueError("give a prompt or --prompts FILE, not both")
@@ -185,16 +188,18 @@ def _generate(args) -> None:
             print(f"{r['id']}: {r['file'] or 'FAILED ' + r['error']}", flush=True)
 
         c = generate_from_file(args.laytongen, args.prompts, args.output, settings, column=args.column,
-                               num_actors=args.num_actors, num_gpus=args.num_gpus, batch_size=args.batch_size, on_record=progress)
+                               num_actors=args.num_actors, num_gpus=args.num_gpus, batch_size=args.batch_size, on_record=progress,
+                               accel=accel)
         print(f"generate: {c['generated']} generated, {c['failed']} failed, {c['already_done']} already done "
               f"of {c['prompts']} prompt(s) in {c['seconds']:.1f}s -> {args.output}/metadata.jsonl")
         return
     if args.prompt is None:
         raise ValueError("give a prompt (\"\" samples unconditionally) or --prompts FILE")
-    from layton.devices import pick_device
+    from layton.devices import pick_device, pick_dtype
     from layton.laytongen import LaytonGenPipeline
 
-    pipe = LaytonGenPipeline.from_pretrained(args.laytongen, device=pick_device("auto"))
+    device = pick_device("auto")
+    pipe = LaytonGenPipeline.from_pretrained(args.laytongen, device=device, dtype=pick_dtype(args.dtype, device), accel=accel)
     params = pipe.default_params(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     (r,) = pipe(args.prompt, seed=args.seed, params=params, size=args.size, steps=args.steps)
     from layton.storage import Root, basename, parent
@@ -294,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-actors", type=int, default=1)
     gen.add_argument("--num-gpus", type=float, default=0.0, help="per actor")
     gen.add_argument("--batch-size", type=int, default=4)
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="GPT and decoder weights on a GPU (CPU runs float32)")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the GPT and the decoder's UNet")
+    gen.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
     gen.set_defaults(fn=_generate)
 
     wfp = sub.add_parser("workflow", help="a whole experiment from one workflow file").add_subparsers(dest="what", required=True)

@@ -5,6 +5,7 @@ name: demo                       # a Ray Job per run of this name; reruns resume
 root: runs/demo                  # storage root: a local path, or a URI (s3://, gs://, ...) used directly
 tiny_zoo: runs/demo/zoo          # optional: write the tiny model zoo here first (the embedded default)
 ray: {num_cpus: 4}               # the cluster (address) or the local instance, for every stage
+side_by_side: true               # independent evaluation stages at once when the cluster holds them
 stages:                          # any subset, run in the registry's order (stages/registry.py):
   synth: {...}                   #   SynthConfig
   tokenizer: {...}               #   TokenizerTrainConfig (runs as tokenizer_stage1, tokenizer_stage2)
@@ -37,6 +38,8 @@ class WorkflowFile(Section):
     root: str
     tiny_zoo: PathStr | None = None
     ray: RayConfig = RayConfig()
+    # Evaluation stages that read nothing the others write run at once when the cluster holds them all.
+    side_by_side: bool = True
     stages: dict[str, dict | None] = Field(min_length=1)
 
 
@@ -48,6 +51,7 @@ class Workflow:
     raw: dict  # the file as written
     tiny_zoo: Path | None
     ray: RayConfig
+    side_by_side: bool = True  # independent evaluation stages at once, when the cluster holds them
     configs: dict[str, BaseModel] = field(default_factory=dict)  # section -> validated stage config
 
     def stages(self) -> list[tuple[Stage, BaseModel]]:
@@ -71,7 +75,7 @@ def parse_workflow(text: str, source: str) -> Workflow:
         except ValueError as e:
             raise ConfigError(f"{source}: root: {e}") from None
     root = absolute(wf.root)
-    out = Workflow(wf.name, root, source, raw, Path(wf.tiny_zoo) if wf.tiny_zoo else None, wf.ray)
+    out = Workflow(wf.name, root, source, raw, Path(wf.tiny_zoo) if wf.tiny_zoo else None, wf.ray, wf.side_by_side)
     problems = []
     for section, cls in SECTIONS.items():  # the registry's order, whatever the file's order
         if section not in wf.stages:

@@ -1,19 +1,24 @@
 """Tokenizer figures, side by side in one run, on the tiny zoo (real architectures, tiny widths).
 
 1. Decode time: token ids -> latents -> VAE pixels, with 1 and 2 consistency steps vs 25-step
-   DDIM on the same LADD (the Hyper-SD LoRA fused into its UNet) and the same token ids. The ratio
-   DDIM-25 / consistency is the paper's point: one UNet pass instead of 25.
+   DDIM on the same LADD (the Hyper-SD LoRA fused into its UNet) and the same token ids, at --size
+   (256) and --large-size (1024) px. The ratio DDIM-25 / consistency is the paper's point: one UNet
+   pass instead of 25; the one VAE decode both pay caps it at (25 u + v) / (u + v) for a UNet step u
+   and a VAE decode v (the "VAE decode" line shows v).
 2. Training samples/s of the stage-1 step (make_batch + stage1_loss + backward + clip + Adam) on
    precomputed tokens + latents vs tokens and latents encoded on the fly from the shard's JPEG
    bytes. Same model, same batches, steps interleaved A B A B ... so a noisy machine slows both.
 3. Ray Train (1 worker) vs the plain loop over the same step: `run_tokenizer_stage(config, 1)`
-   with precomputed data cached in memory, its wall time (start-up included) and its training-phase
-   samples/s, against the plain loop's precomputed samples/s from (2).
+   with precomputed data cached in memory, its wall time (start-up included) and its steady-state
+   samples/s, against the plain loop's precomputed samples/s measured right before and right after
+   it (no Ray running then). Three rounds, plain Ray plain Ray plain Ray plain; the ratio printed is
+   the median of the rounds' ratios, so that one slow spell of a shared machine does not decide it.
 
 The photographs are scikit-image's sample images (real photos, JPEG-encoded into shards with
 `write_image_shards`). Timings are printed, never asserted.
 
-    .venv/bin/python benchmarks/tokenizer.py [--size 256] [--batch 2] [--train-steps 20] [--train-px 128]
+    .venv/bin/python benchmarks/tokenizer.py [--size 256] [--batch 2] [--train-steps 30] [--train-px 128] [--rounds 3]
+    .venv/bin/python benchmarks/tokenizer.py --only decode [--large-size 1024]   # section 1 alone
 """
 
 from __future__ import annotations
@@ -157,7 +162,9 @@ def config_dict(zoo: Path, shards: Path, tmp: Path, args) -> dict:
 # --- 1. decode ------------------------------------------------------------------------------------
 
 
-def bench_decode(config, args) -> tuple[dict, dict]:
+def bench_decode(config, args, size: int, batch: int, repeats: int) -> tuple[dict, dict]:
+    """Seconds per image of each mode at `size` px: latents (sampler) and total (+ VAE decode),
+    each the median of `repeats` interleaved runs, under inference mode as `decode_tensor` runs."""
     from layton.tokenizer import LaytonTokenizer
 
     tok = LaytonTokenizer.build(config.model)
@@ -166,31 +173,53 @@ def bench_decode(config, args) -> tuple[dict, dict]:
     sizes = {"VQ-16": n_params(tok.vq), "SDXL UNet": n_params(tok.ladd.unet),
              "ControlNet copy": n_params(tok.ladd.controlnet), "token embedder": n_params(tok.ladd.cond_embedder),
              "VAE": n_params(tok.vae)}
-    images = [photo(PHOTOS[i % len(PHOTOS)]) for i in range(args.batch)]
+    images = [photo(PHOTOS[i % len(PHOTOS)]) for i in range(batch)]
     ids = tok.encode(images)  # 256 px -> 16x16 tokens
     modes = {"consistency 1 step": ("consistency", 1), "consistency 2 steps": ("consistency", 2),
              "DDIM 25 steps": ("ddim", 25)}
 
     def once(sampler, steps):
-        with torch.no_grad():
+        with torch.inference_mode():
             t0 = time.perf_counter()
-            z = tok.latents(tok.token_features(ids), args.size, steps=steps, sampler=sampler,
+            z = tok.latents(tok.token_features(ids), size, steps=steps, sampler=sampler,
                             generator=torch.Generator("cpu").manual_seed(SEED))
             t1 = time.perf_counter()
             x = tok.vae_decode(z)
             t2 = time.perf_counter()
-        assert x.shape == (args.batch, 3, args.size, args.size)
+        assert x.shape == (batch, 3, size, size)
         return t1 - t0, t2 - t0
 
     for sampler, steps in modes.values():  # warm-up
         once(sampler, steps)
     times = {k: [] for k in modes}
-    for _ in range(args.repeats):  # interleaved: a slow moment hits every mode
+    for _ in range(repeats):  # interleaved: a slow moment hits every mode
         for k, (sampler, steps) in modes.items():
             times[k].append(once(sampler, steps))
-    out = {k: {"latents": statistics.median(t[0] for t in v) / args.batch,
-               "total": statistics.median(t[1] for t in v) / args.batch} for k, v in times.items()}
+    out = {k: {"latents": statistics.median(t[0] for t in v) / batch,
+               "total": statistics.median(t[1] for t in v) / batch} for k, v in times.items()}
     return out, sizes
+
+
+def print_decode(decode: dict, size: int, batch: int, load: OtherLoad) -> None:
+    print(f"\n== decode: {batch} photos -> 16x16 tokens -> {size}px, one LADD with the Hyper-SD LoRA fused ==")
+    print(f"{'':22s} {'latents s/img':>14s} {'+VAE s/img':>12s} {'DDIM25/this, latents':>21s} {'with VAE':>9s}")
+    ddim, ddim_lat = decode["DDIM 25 steps"]["total"], decode["DDIM 25 steps"]["latents"]
+    for k, v in decode.items():
+        print(f"{k:22s} {v['latents']:14.4f} {v['total']:12.4f} {ddim_lat / v['latents']:21.2f} {ddim / v['total']:9.2f}")
+    c1 = decode["consistency 1 step"]
+    print(f"VAE decode {c1['total'] - c1['latents']:.4f} s/img of the 1-step total; ({load})")
+
+
+def decode_rows(decode: dict, size: int) -> list[tuple[str, str, str]]:
+    ddim, ddim_lat = decode["DDIM 25 steps"]["total"], decode["DDIM 25 steps"]["latents"]
+    c1, c2 = decode["consistency 1 step"]["total"], decode["consistency 2 steps"]["total"]
+    return [
+        (f"decode {size}px, consistency 1 step", f"{c1:.3f} s/img", f"DDIM25 / 1-step {ddim / c1:.2f}x"),
+        (f"decode {size}px, consistency 2 steps", f"{c2:.3f} s/img", f"DDIM25 / 2-step {ddim / c2:.2f}x"),
+        (f"decode {size}px, DDIM 25 steps", f"{ddim:.3f} s/img",
+         f"latents only: DDIM25 / 1-step {ddim_lat / decode['consistency 1 step']['latents']:.2f}x, "
+         f"/ 2-step {ddim_lat / decode['consistency 2 steps']['latents']:.2f}x"),
+    ]
 
 
 # --- 2. data: shards, the precompute pass, rows for both sources ----------------------------------
@@ -315,6 +344,28 @@ def bench_ray_train(config, args) -> dict:
             "final_step": result.metrics.get("step"), "windows": windows, "metric_keys": sorted(result.metrics)}
 
 
+def ray_rounds(config, args, plain: PlainLoop, rows: list[dict]) -> list[dict]:
+    """`args.rounds` Ray Train runs (each a fresh run name), the plain loop before, between and after
+    them: each round's ratio is its steady state over the mean of the plain loop on either side."""
+    def plain_once() -> tuple[float, OtherLoad]:
+        with OtherLoad() as load:
+            ips = plain.interleaved({"precomputed": rows})["precomputed"]
+        return ips, load
+
+    plains, out = [plain_once()], []
+    for r in range(args.rounds):
+        cfg = config.model_copy(update={"run": config.run.model_copy(update={"name": f"bench{r}"})})
+        with OtherLoad() as load:
+            res = bench_ray_train(cfg, args)
+        plains.append(plain_once())
+        ips, span = steady(res["windows"], args.log_every, args.batch)
+        (before, load_before), (after, load_after) = plains[-2], plains[-1]
+        out.append({**res, "steady": ips, "span": span, "plain_before": before, "plain_after": after,
+                    "plain": (before + after) / 2, "ratio": ips / ((before + after) / 2) if ips else None,
+                    "load": load, "load_plain": max(load_before.cores, load_after.cores)})
+    return out
+
+
 def steady(windows: list[tuple[int, float]], log_every: int, batch: int) -> tuple[float | None, str]:
     """samples/s over the windows between the first (Ray Data's first epoch, the first step) and the
     last (which also pays for the final reconstruction grid): total samples / total time."""
@@ -328,15 +379,31 @@ def steady(windows: list[tuple[int, float]], log_every: int, batch: int) -> tupl
 # --- main -----------------------------------------------------------------------------------------
 
 
+def print_summary(rows: list[tuple[str, str, str]], loads: dict, seconds: float) -> None:
+    print("\n== summary ==")
+    busy = [name for name, l in loads.items() if l.cores > OtherLoad.BUSY]
+    if busy:
+        print(f"WARNING: other processes used over {OtherLoad.BUSY} cores during: {', '.join(busy)}; "
+              "those figures are not comparable with a quiet run (rerun when the machine is idle)")
+    for a, b, c in rows:
+        print(f"{a:32s} {b:>18s}   {c}")
+    print(f"benchmark run time {seconds:.0f}s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zoo", type=Path, help="a tiny zoo (default: runs/demo/zoo if complete, else write one)")
     ap.add_argument("--size", type=int, default=256, help="decode px")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="decode timings per mode (the median is shown)")
-    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--large-size", type=int, default=1024, help="a second decode px (0: none)")
+    ap.add_argument("--large-batch", type=int, default=1, help="images per decode at --large-size")
+    ap.add_argument("--large-repeats", type=int, default=1, help="decode timings per mode at --large-size")
+    ap.add_argument("--only", choices=("all", "decode"), default="all", help="'decode': only section 1")
+    ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--train-px", type=int, default=128)
     ap.add_argument("--log-every", type=int, default=5, help="the Ray Train run's logging window (steps)")
+    ap.add_argument("--rounds", type=int, default=3, help="Ray Train runs, each between two plain-loop runs (the median ratio is shown)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the Ray Train worker gets as many CPUs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -351,18 +418,28 @@ def main() -> None:
         config = TokenizerTrainConfig.model_validate(config_dict(zoo, shards, tmp, args))
 
         with OtherLoad() as load_decode:
-            decode, sizes = bench_decode(config, args)
+            decode, sizes = bench_decode(config, args, args.size, args.batch, args.repeats)
+        large, load_large = None, OtherLoad()
+        if args.large_size:
+            with load_large:
+                large, _ = bench_decode(config, args, args.large_size, args.large_batch, args.large_repeats)
         print(f"tiny zoo {zoo}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + " params (real architectures)")
         print(f"torch threads {args.threads}, {psutil.cpu_count()} CPUs; decode {args.size}px, batch {args.batch}, "
-              f"median of {args.repeats}; training {args.train_px}px, batch {args.batch}, {args.train_steps} steps, "
+              f"median of {args.repeats}"
+              + (f" and {args.large_size}px, batch {args.large_batch}, median of {args.large_repeats}" if large else "")
+              + f"; training {args.train_px}px, batch {args.batch}, {args.train_steps} steps, "
               f"encoder sizes {config.model.encoder_sizes}")
 
-        print(f"\n== decode: {args.batch} photos -> 16x16 tokens -> {args.size}px, one LADD with the Hyper-SD LoRA fused ==")
-        print(f"{'':22s} {'latents s/img':>14s} {'+VAE s/img':>12s} {'DDIM25/this, latents':>21s} {'with VAE':>9s}")
-        ddim, ddim_lat = decode["DDIM 25 steps"]["total"], decode["DDIM 25 steps"]["latents"]
-        for k, v in decode.items():
-            print(f"{k:22s} {v['latents']:14.4f} {v['total']:12.4f} {ddim_lat / v['latents']:21.2f} {ddim / v['total']:9.2f}")
-        print(f"({load_decode})")
+        print_decode(decode, args.size, args.batch, load_decode)
+        decode_loads = {"decode": load_decode}
+        decode_summary = decode_rows(decode, args.size)
+        if large:
+            print_decode(large, args.large_size, args.large_batch, load_large)
+            decode_loads[f"decode {args.large_size}px"] = load_large
+            decode_summary += decode_rows(large, args.large_size)
+        if args.only == "decode":
+            print_summary(decode_summary, decode_loads, time.perf_counter() - t_start)
+            return
 
         pre, fly, marker, precompute_s = prepare_data(config, shards, args)
         print(f"\n== stage-1 step, precomputed vs on the fly: {len(pre)} photos in JPEG shards, steps A B A B ... ==")
@@ -379,59 +456,50 @@ def main() -> None:
         print(f"({load_train})")
 
         print(f"\n== Ray Train, 1 worker with {args.threads} CPUs, vs the plain loop; precomputed, cached in memory ==")
-        with OtherLoad() as load_ray:
-            ray_res = bench_ray_train(config, args)
-        # The plain loop again right after, so that a slower or faster spell of the machine shows.
-        with OtherLoad() as load_after:
-            after = plain.interleaved({"precomputed": sources["precomputed"]})["precomputed"]
-        plain_ips = (train["precomputed"] + after) / 2
-        steady_ips, steady_span = steady(ray_res["windows"], args.log_every, args.batch)
-        print(f"wall {ray_res['wall']:.1f}s = ray.init {ray_res['ray_init']:.1f}s + run_tokenizer_stage "
+        rounds = ray_rounds(config, args, plain, sources["precomputed"])
+        ray_res, plain_ips = rounds[0], rounds[0]["plain"]  # the first round's run, in detail
+        print(f"round 1: wall {ray_res['wall']:.1f}s = ray.init {ray_res['ray_init']:.1f}s + run_tokenizer_stage "
               f"{ray_res['call']:.1f}s (precompute check, worker start, model build, {args.train_steps} steps, "
               f"checkpoint, export); the steps alone at the plain loop's rate: {args.train_steps * args.batch / plain_ips:.1f}s")
         in_windows = sum(args.log_every * args.batch / v for _, v in ray_res["windows"])
-        print("samples/s per logging window (the run's TensorBoard): "
+        print("  samples/s per logging window (the run's TensorBoard): "
               + ", ".join(f"step {s}: {v:.2f}" for s, v in ray_res["windows"]))
         print(f"  the windows span {in_windows:.1f}s (the first holds Ray Data's first epoch); the other "
               f"{ray_res['call'] - in_windows:.1f}s of the call are start-up (worker, model build) and the end "
               "(checkpoint, export, shutdown)")
-        print(f"StageResult.metrics: {', '.join(ray_res['metric_keys'])}")
-        print(f"final metrics samples_per_s (steps {ray_res['final_step'] - args.log_every + 1}-{ray_res['final_step']}, "
+        print(f"  StageResult.metrics: {', '.join(ray_res['metric_keys'])}")
+        print(f"  final metrics samples_per_s (steps {ray_res['final_step'] - args.log_every + 1}-{ray_res['final_step']}, "
               f"includes the final reconstruction grid): {ray_res['final']:.2f}")
-        print(f"steady state ({steady_span})" + (f": {steady_ips:.2f} samples/s" if steady_ips else f": {steady_span}"))
-        print(f"plain loop, precomputed: {train['precomputed']:.2f} before, {after:.2f} right after; mean {plain_ips:.2f}")
-        if steady_ips:
-            print(f"ratio Ray steady / plain {steady_ips / plain_ips:.2f}")
-        print(f"(Ray run: {load_ray}; plain loop after: {load_after})")
-        loads = {"decode": load_decode, "precomputed vs on the fly": load_train, "Ray Train run": load_ray,
-                 "plain loop after Ray": load_after}
+        for i, r in enumerate(rounds, 1):
+            print(f"round {i}: Ray steady ({r['span']}) " + (f"{r['steady']:.2f}" if r["steady"] else "n/a")
+                  + f" samples/s; plain {r['plain_before']:.2f} before, {r['plain_after']:.2f} after"
+                  + (f"; ratio {r['ratio']:.2f}" if r["ratio"] else "")
+                  + f" (other load: {r['load'].cores:.2f} cores in the Ray run, up to {r['load_plain']:.2f} in the plain loop)")
+        ratios = [r["ratio"] for r in rounds if r["ratio"]]
+        ratio = statistics.median(ratios) if ratios else None
+        steady_ips = statistics.median(r["steady"] for r in rounds if r["steady"]) if ratios else None
+        final_ratio = statistics.median(r["final"] / r["plain"] for r in rounds)
+        if ratio:
+            print(f"ratio Ray steady / plain, median of {len(ratios)}: {ratio:.2f} "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+        loads = {**decode_loads, "precomputed vs on the fly": load_train,
+                 **{f"Ray Train round {i}": r["load"] for i, r in enumerate(rounds, 1)}}
 
     total = time.perf_counter() - t_start
-    c1, c2 = decode["consistency 1 step"]["total"], decode["consistency 2 steps"]["total"]
     rows = [
-        ("decode, consistency 1 step", f"{c1:.3f} s/img", f"DDIM25 / 1-step {ddim / c1:.2f}x"),
-        ("decode, consistency 2 steps", f"{c2:.3f} s/img", f"DDIM25 / 2-step {ddim / c2:.2f}x"),
-        ("decode, DDIM 25 steps", f"{ddim:.3f} s/img",
-         f"latents only: DDIM25 / 1-step {ddim_lat / decode['consistency 1 step']['latents']:.2f}x, "
-         f"/ 2-step {ddim_lat / decode['consistency 2 steps']['latents']:.2f}x"),
+        *decode_summary,
         ("precompute pass (Ray Data, once)", f"{precompute_s:.1f} s", f"{marker['usable']} images"),
         ("train, precomputed (plain)", f"{train['precomputed']:.2f} samples/s",
          f"pre / fly {train['precomputed'] / train['on the fly']:.2f}x"),
         ("train, on the fly (plain)", f"{train['on the fly']:.2f} samples/s", ""),
         ("train, Ray Train steady state", f"{steady_ips:.2f} samples/s" if steady_ips else "n/a",
-         f"Ray / plain {steady_ips / plain_ips:.2f}x" if steady_ips else ""),
-        ("train, Ray Train final metric", f"{ray_res['final']:.2f} samples/s", f"Ray / plain {ray_res['final'] / plain_ips:.2f}x"),
+         f"Ray / plain {ratio:.2f}x (median of {len(ratios)} rounds)" if ratio else ""),
+        ("train, Ray Train final metric", f"{ray_res['final']:.2f} samples/s",
+         f"Ray / plain {final_ratio:.2f}x (median of {len(rounds)})"),
         ("train, Ray Train whole run", f"{ray_res['wall']:.1f} s",
          f"{args.train_steps * args.batch / ray_res['wall']:.2f} samples/s end to end"),
     ]
-    print("\n== summary ==")
-    busy = [name for name, l in loads.items() if l.cores > OtherLoad.BUSY]
-    if busy:
-        print(f"WARNING: other processes used over {OtherLoad.BUSY} cores during: {', '.join(busy)}; "
-              "those figures are not comparable with a quiet run (rerun when the machine is idle)")
-    for a, b, c in rows:
-        print(f"{a:32s} {b:>18s}   {c}")
-    print(f"benchmark run time {total:.0f}s")
+    print_summary(rows, loads, total)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,23 @@ class RayConfig(Section):
     dashboard: bool = True  # local instance only; binds to 127.0.0.1
 
 
+class Acceleration(Section):
+    """GPU speed options of a stage's main network (FLUX transformer, SDXL UNet, GPT) and its VAE.
+    All Runtime: they change speed and memory, not what is computed (up to float rounding); the
+    weights' dtype and autocast are settings of their own (`dtype`, `mixed_precision`). Each works on
+    CPU too, so the tests run every code path. Applied by `layton.acceleration`."""
+
+    compile: Runtime[bool] = False  # torch.compile the main network (the first call pays the compile)
+    compile_mode: Runtime[Literal["default", "reduce-overhead", "max-autotune"]] = "default"
+    attention: Runtime[Literal["sdpa", "eager"]] = "sdpa"  # scaled_dot_product_attention, or the math path
+    channels_last: Runtime[bool] = False  # convolutional networks (UNet, VAE) in NHWC memory format
+    vae_slicing: Runtime[bool] = False  # decode a batch one image at a time (peak memory)
+    vae_tiling: Runtime[bool] = False  # decode/encode in overlapping tiles (1024² and larger on small GPUs)
+    # Tile side in px (a multiple of 64). diffusers' own default is the VAE's sample_size (SDXL: 1024),
+    # which leaves a 1024² image untiled.
+    vae_tile_size: Runtime[int] = Field(512, ge=64, multiple_of=64)
+
+
 class OptimConfig(Section):
     name: Literal["adam", "adamw"] = "adam"
     lr: float = Field(1e-5, gt=0)
@@ -131,6 +148,9 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)  # 1: off
     image_size: int = Field(1024, ge=8)  # decoded px
     decode_steps: int | None = Field(None, ge=1)  # default: the tokenizer's consistency steps
+    # Weights of the GPT and the tokenizer's decoder, sampled under autocast to it (CUDA; CPU runs float32).
+    dtype: Dtype = "float32"
+    accel: Runtime[Acceleration] = Acceleration()
 
 
 class ImageRewardPaths(Section):

@@ -224,6 +224,16 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def math_attention(q, k, v, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v written out: q (B, nh, S, hs), k/v (B, nh, K, hs), mask (B|1, 1, S, K)
+    bool (True: attend). The reference `scaled_dot_product_attention` computes; softmax in float32."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, S, K)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    att = F.dropout(scores.float().softmax(dim=-1).to(q.dtype), p=dropout_p)
+    return att @ v  # (B, nh, S, hs)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -233,6 +243,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
+        self.sdpa = True  # F.scaled_dot_product_attention; False: the explicit math path (`Acceleration.attention`)
 
     def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         b, s, dim = x.shape
@@ -246,7 +257,11 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout_p if self.training else 0.0)
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            out = math_attention(q, k, v, mask, dropout_p)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, s, dim)))
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from layton.acceleration import accelerate_gpt, autocast
 from layton.gpt import CONFIG_NAME as GPT_CONFIG_NAME
 from layton.gpt import GPT
 from layton.gpt import WEIGHTS_NAME as GPT_WEIGHTS_NAME
@@ -131,27 +132,33 @@ def load_gpt_state_dict(directory: str | Path, device: str | torch.device = "cpu
 
 
 class LaytonGenPipeline:
-    def __init__(self, gpt: GPT, text_encoder, tokenizer, spec: dict):
+    def __init__(self, gpt: GPT, text_encoder, tokenizer, spec: dict, dtype: torch.dtype = torch.float32):
         self.gpt, self.text_encoder, self.tokenizer, self.spec = gpt, text_encoder, tokenizer, spec
+        self.dtype = dtype  # sampling and decoding run under autocast to it (a no-op for float32)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *, text_encoder: str | None = None,
                         tokenizer: str | None = None, tokenizer_kwargs: dict | None = None,
-                        decoder: bool = True) -> LaytonGenPipeline:
+                        decoder: bool = True, dtype: torch.dtype = torch.float32, accel=None) -> LaytonGenPipeline:
         """Load a LaytonGen directory. `text_encoder` overrides a moved text encoder; `tokenizer` decodes
         with another tokenizer directory than the one held in `tokenizer/`; `tokenizer_kwargs` go to
         `LaytonTokenizer.from_pretrained` (e.g. `sdxl=`, `vq=` when the upstream weights moved);
-        `decoder=False` loads no Layton decoder (token ids only)."""
+        `decoder=False` loads no Layton decoder (token ids only). `dtype`: the GPT's and the decoder's
+        weights (see `layton.devices.pick_dtype`); `accel`: a `layton.config.Acceleration` for both."""
         d = local_copy(directory, "LaytonGen directory")
         index = read_laytongen_index(d)
         spec = {"text_encoder": text_encoder or index["text_encoder"], "tokenizer": str(tokenizer or d / TOKENIZER_SUBFOLDER),
                 "image_size": index["image_size"], "sampling": index.get("sampling", {})}
-        gpt = GPT.from_pretrained(d / GPT_SUBFOLDER).to(device)
+        gpt = GPT.from_pretrained(d / GPT_SUBFOLDER).to(device, dtype)
+        gpt.rope = gpt.rope.float()  # the rotary table stays float32 (LlamaGen computes RoPE in float32)
+        if accel is not None:
+            accelerate_gpt(gpt, accel)
         t5 = T5TextEncoder(spec["text_encoder"], device=device)
         if t5.dim != gpt.config.caption_dim:
             raise ValueError(f"text encoder {spec['text_encoder']} gives {t5.dim}-d features; the GPT takes {gpt.config.caption_dim}")
-        tok = LaytonTokenizer.from_pretrained(spec["tokenizer"], **(tokenizer_kwargs or {})).to(device) if decoder else None
-        return cls(gpt, t5, tok, spec)
+        tok_kw = {"dtype": dtype, "accel": accel, **(tokenizer_kwargs or {})}
+        tok = LaytonTokenizer.from_pretrained(spec["tokenizer"], **tok_kw).to(device) if decoder else None
+        return cls(gpt, t5, tok, spec, dtype)
 
     def default_params(self, **overrides) -> SamplingParams:
         s = self.spec.get("sampling", {})
@@ -182,7 +189,8 @@ class LaytonGenPipeline:
         for rows, p in ((rows_cfg, params), (rows_plain, SamplingParams(**{**params.__dict__, "cfg_mode": "off"}))):
             if rows:
                 idx = torch.tensor(rows)
-                tokens[idx] = generate_tokens(self.gpt, caption[idx], mask[idx], [seeds[i] for i in rows], p).cpu()
+                with autocast(self.gpt.tok_embeddings.weight.device, self.dtype):  # the text encoder ran outside it
+                    tokens[idx] = generate_tokens(self.gpt, caption[idx], mask[idx], [seeds[i] for i in rows], p).cpu()
         return tokens.view(-1, g, g), empty.tolist(), feats
 
     @torch.no_grad()
@@ -194,8 +202,9 @@ class LaytonGenPipeline:
         images = [None] * len(prompts)
         if self.tokenizer is not None:
             # One decode per image, each with its prompt's seed: an image never depends on its batch.
-            images = [self.tokenizer.decode(t[None].to(self.tokenizer.device), size=size, steps=steps, seed=s)[0]
-                      for t, s in zip(tokens, seeds)]
+            with autocast(self.tokenizer.device, self.dtype):
+                images = [self.tokenizer.decode(t[None].to(self.tokenizer.device), size=size, steps=steps, seed=s)[0]
+                          for t, s in zip(tokens, seeds)]
         return [Generated(p, s, t, img, e, tr, n)
                 for p, s, t, img, e, tr, n in zip(prompts, seeds, tokens, images, empty, feats.truncated, feats.n_tokens)]
 

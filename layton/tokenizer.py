@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from layton.devices import keep_freed_cpu_memory
 from layton.ladd import LADD, PARTS, EmptyPromptConditions, LaddControlNet, TokenConditionEmbedder, empty_prompt_conditions
 from layton.ladd_sampling import consistency_latents, ddim_latents
 from layton.lora import fuse_lora_into_unet
@@ -152,6 +153,8 @@ def vae_encode(vae, x: torch.Tensor) -> torch.Tensor:
 
 def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
     cfg = vae.config
+    if z.device.type == "cpu":
+        keep_freed_cpu_memory()
     return vae.decode((z / cfg.scaling_factor + (cfg.shift_factor or 0.0)).to(vae.dtype)).sample
 
 
@@ -204,9 +207,12 @@ class LaytonTokenizer:
         vae: str | None = None,
         lora: str | None = None,
         dtype: torch.dtype = torch.float32,
+        accel=None,
     ) -> LaytonTokenizer:
         """Load a tokenizer directory (a local path or a URI); `vq` / `sdxl` / `vae` / `lora` override
-        upstream paths that moved."""
+        upstream paths that moved. `dtype` is LADD's and the VAE's (decode under autocast to it when it
+        is half: the noise and the VQ's features are float32); `accel` a `layton.config.Acceleration`
+        (`layton.acceleration.accelerate_tokenizer`)."""
         directory = local_copy(directory, "tokenizer")
         index = read_tokenizer_index(directory)
         where = directory / INDEX_NAME
@@ -226,7 +232,12 @@ class LaytonTokenizer:
         if dtype != torch.float32:  # the parts are stored in float32
             ladd.to(dtype)
         ladd.eval()
-        return cls(vq_model, ladd, vae_model, sched, spec)
+        tok = cls(vq_model, ladd, vae_model, sched, spec)
+        if accel is not None:
+            from layton.acceleration import accelerate_tokenizer
+
+            accelerate_tokenizer(tok, accel)
+        return tok
 
     def fuse_consistency(self, consistency_cfg) -> None:
         """Stage 2: merge the consistency LoRA (Hyper-SD / TLCM) into the frozen UNet."""
@@ -311,7 +322,7 @@ class LaytonTokenizer:
             return consistency_latents(self.ladd, features, noise, self.scheduler_config, timesteps, generator, grad_last_only)
         return ddim_latents(self.ladd, features, noise, self.scheduler_config, steps or 25)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions and views)
     def decode_tensor(self, ids, size: int = 1024, steps: int | None = None, sampler: str | None = None, seed: int = 0) -> torch.Tensor:
         gen = torch.Generator("cpu").manual_seed(seed)
         z = self.latents(self.token_features(ids), size, steps=steps, sampler=sampler, generator=gen)

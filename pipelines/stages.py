@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from layton.acceleration import accelerate_flux
 from layton.devices import pick_device, pick_dtype
 from layton.scorers.imagereward import ImageRewardScorer
 from layton.scorers.mps import MPSScorer
@@ -108,7 +109,7 @@ class GenerateStage(_ShardStage):
         self.image_format, self.jpeg_quality = image_format, jpeg_quality
         self.device = pick_device(self.cfg.resources.device)
         dtype = pick_dtype(self.cfg.dtype, self.device)
-        self.pipe = FluxPipeline.from_pretrained(self.cfg.model, dtype=dtype).to(self.device)
+        self.pipe = accelerate_flux(FluxPipeline.from_pretrained(self.cfg.model, dtype=dtype).to(self.device), self.cfg.accel)
         self.pipe.set_progress_bar_config(disable=True)
         self.metrics = SynthMetrics()
 

@@ -40,6 +40,9 @@ class Stage(ABC):
     config: ClassVar[type[Section]]
     command: ClassVar[tuple[str, ...]]  # its CLI command (`layton train tokenizer CONFIG`); stages may share one
     help: ClassVar[str]  # the command's one-line help
+    # May run beside other such stages of a workflow (the runner's `side_by_side`): it reads what the
+    # stages before it wrote and nothing a stage beside it writes (checked by `inputs`/`outputs`).
+    side_by_side: ClassVar[bool] = False
 
     def __init__(self, on_event: Callable[[str], None] | None = None):
         self.on_event = on_event or (lambda line: None)  # progress lines (the CLI prints them)
@@ -57,6 +60,10 @@ class Stage(ABC):
     def outputs(self, cfg) -> list[str]:
         """What this stage writes, as the paths later stages' inputs name."""
         return []
+
+    def demand(self, cfg) -> dict[str, float]:
+        """The Ray resources the stage holds at once at its peak (what side-by-side runs must fit)."""
+        return {}
 
     def check(self, cfg) -> None:
         """Every file the stage will read, checked before Ray starts; errors name the field and path."""

@@ -10,8 +10,19 @@ from stages.base import Stage, StageResult, setdefault_dotted
 from stages.laytongen.stage import laytongen_export
 
 
+# Ray Data's read and write tasks take 1 CPU each; a stage beside another needs one free for them,
+# or its actors would sit waiting on input that no CPU is left to read.
+TASK_CPUS = 1.0
+
+
 class EvalStage(Stage):
     kind: ClassVar[str]  # eval/<kind> under the workflow root
+    side_by_side = True
+
+    def demand(self, cfg) -> dict[str, float]:
+        """One actor pool (`resources`: generation and scoring take turns in it) and a task's CPU."""
+        r = cfg.resources
+        return {"CPU": r.num_actors * r.num_cpus + TASK_CPUS, "GPU": r.num_actors * r.num_gpus}
 
     def record_dir(self, cfg) -> str:
         return cfg.output

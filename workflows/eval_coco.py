@@ -128,9 +128,10 @@ def run_coco_eval(config: CocoEvalConfig) -> dict:
         if config.generator:
             s = config.sampling
             settings = GenerateSettings(cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                        size=s.image_size, decode_steps=s.decode_steps, seed=config.seed)
+                                        size=s.image_size, decode_steps=s.decode_steps, seed=config.seed, dtype=s.dtype)
             generated = generate_prompts(config.generator, pairs, config.images, settings, num_actors=res.num_actors,
-                                         num_gpus=res.num_gpus, num_cpus=res.num_cpus, batch_size=config.batch_size)
+                                         num_gpus=res.num_gpus, num_cpus=res.num_cpus, batch_size=config.batch_size,
+                                         accel=s.accel)
         files, missing = match_images(config.images, [i for i, _ in pairs])
         rows += [{"id": i, "prompt": t, "file": "", "reason": "no image"} for i, t in pairs if i in missing]
         items = [{"id": i, "prompt": t, "file": files[i]} for i, t in pairs if i in files]

@@ -24,7 +24,7 @@ import ray
 from layton.completion import RECORD, fingerprint, is_complete
 from layton.config import SamplingConfig
 from layton.detection import Mask2FormerDetector
-from layton.devices import pick_device
+from layton.devices import pick_device, pick_dtype
 from layton.geneval import GenEvalPrompt, write_sample_dir
 from layton.geneval import load_image, result_row
 from layton.geneval import read_metadata
@@ -50,7 +50,8 @@ class GenerateSamples:
     def __init__(self, generator: str, sampling: dict, images_dir: str, n: int, seed: int, fingerprint: str,
                  device: str = "auto"):
         s = SamplingConfig.model_validate(sampling)
-        self.pipe = LaytonGenPipeline.from_pretrained(generator, device=pick_device(device))
+        dev = pick_device(device)
+        self.pipe = LaytonGenPipeline.from_pretrained(generator, device=dev, dtype=pick_dtype(s.dtype, dev), accel=s.accel)
         self.params = self.pipe.default_params(cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         self.size, self.steps = s.image_size, s.decode_steps
         self.images_dir, self.n, self.seed, self.fingerprint = images_dir, n, seed, fingerprint

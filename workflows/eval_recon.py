@@ -114,12 +114,19 @@ class ReconStage:
 
 def _load_reconstructor(m, device):
     if m.kind == "layton":
-        return LaytonTokenizer.from_pretrained(m.path).to(device)
+        return LaytonTokenizer.from_pretrained(m.path, accel=m.accel).to(device)
     if m.kind == "sdxl_vae":
         from diffusers import AutoencoderKL
 
+        from layton.acceleration import configure_vae, set_attention, to_channels_last
+
         sub = "vae" if (Path(m.path) / "vae" / "config.json").is_file() else None
-        return AutoencoderKL.from_pretrained(m.path, subfolder=sub).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(m.path, subfolder=sub).to(device).eval()
+        set_attention(vae, m.accel.attention)
+        if m.accel.channels_last:
+            to_channels_last([vae])
+        configure_vae(vae, m.accel)
+        return vae
     return load_llamagen_vq(m.path).to(device)
 
 

@@ -37,6 +37,7 @@ from ray.util.metrics import Gauge
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
+from layton.acceleration import autocast as dtype_autocast
 from layton.checkpoint_io import OPTIMIZER_NAME, STATE_NAME, load_training_state, save_training_state
 from layton.seeds import derive_seed
 from layton.storage import Root, basename, filesystem, parent
@@ -84,10 +85,9 @@ def clip_and_step(opt, sched, params, grad_clip: float | None) -> float:
 
 
 def autocast(device: torch.device, mixed_precision: str):
-    """bf16/fp16 autocast on CUDA; CPU runs float32."""
-    if device.type != "cuda" or mixed_precision == "no":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+    """Training's `mixed_precision` ("no" / "bf16" / "fp16") as autocast on CUDA; CPU runs float32."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    return dtype_autocast(device, half if device.type == "cuda" else torch.float32)
 
 
 class EpochBatches:
@@ -249,11 +249,16 @@ def report_checkpoint(save: Callable[[Path], None], opt, sched, state: dict, ran
 
 
 def report_step(metrics: dict | None, checkpoint: bool, save: Callable[[Path], None], opt, sched, state: dict, rank: int) -> None:
-    """The end of a step: a checkpoint (with its metrics), or the metrics of a log step, or nothing."""
+    """The end of a step: a checkpoint (with its metrics) goes to Ray Train; nothing else does.
+
+    A log step's metrics are already in the history, TensorBoard and the dashboard's gauges
+    (`MetricsLog.flush`), and Ray Train keeps only the metrics that come with a checkpoint
+    (`Result.metrics`, `metrics_dataframe`). A metrics-only `ray.train.report` would cost a round
+    trip to the rank-sync actor, and, since the worker's result queue holds one report that the
+    controller drains once per health check (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), a second
+    report within that interval would stall the step until the next poll."""
     if checkpoint:
         report_checkpoint(save, opt, sched, state, rank, metrics)
-    elif metrics is not None:
-        ray.train.report(metrics)
 
 
 def check_epoch(seen: int, progressed: bool, skipped: int) -> None:
@@ -331,8 +336,9 @@ class TrainTask(Protocol):
 
 def run_training(build_task: Callable[[Worker], TrainTask], settings: LoopSettings, *, seed: int, data_cfg,
                  job_dir: str) -> None:
-    """The training loop of a Ray Train worker: build, resume, then step until `max_steps`, reporting
-    metrics every `log_every` steps and a checkpoint every `checkpoint_every` (see `report_step`)."""
+    """The training loop of a Ray Train worker: build, resume, then step until `max_steps`, logging
+    metrics every `log_every` steps and reporting a checkpoint (with its metrics) to Ray Train every
+    `checkpoint_every` (see `report_step`)."""
     ctx = ray.train.get_context()
     worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     rank, world = worker.rank, worker.world

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from layton.acceleration import accelerate_gpt
+from layton.devices import pick_dtype
 from layton.gpt import GPT, GPTConfig, load_llamagen_gpt, rope_2d
 from layton.gpt_sampling import SamplingParams
 from layton.laytongen import LaytonGenPipeline, gpt_directory, load_gpt_state_dict, save_laytongen
@@ -111,11 +113,11 @@ class GenTask:
 
     def __init__(self, config: GenTrainConfig, vocab_size: int, caption_dim: int, worker: Worker):
         self.config, self.caption_dim, self.device = config, caption_dim, worker.device
-        self.gpt = build_gpt(config, vocab_size, caption_dim).to(worker.device)
+        self.gpt = accelerate_gpt(build_gpt(config, vocab_size, caption_dim).to(worker.device), config.train.accel, training=True)
         self.module, self.params = self.gpt, list(self.gpt.parameters())
         self.uniform_ce = float(np.log(vocab_size))  # the loss of knowing nothing, logged next to it
         self.spec = dict(text_encoder=config.model.text_encoder, tokenizer=config.model.tokenizer,
-                         image_size=config.model.image_size, sampling=config.sampling.model_dump(mode="json"))
+                         image_size=config.model.image_size, sampling=config.sampling.model_dump(mode="json", exclude={"accel"}))
         self.pipe: LaytonGenPipeline | None = None  # for the sample grids; loaded once, on rank 0 only
 
     def load(self, d: Path) -> None:
@@ -140,10 +142,11 @@ class GenTask:
     def save_images(self, step: int, mlog: MetricsLog) -> None:
         """A grid of `train.sample_prompts` sampled with the run's sampling settings and decoded."""
         config, gpt = self.config, self.gpt
-        if self.pipe is None:
-            self.pipe = LaytonGenPipeline(gpt, T5TextEncoder(config.model.text_encoder, device=self.device),
-                                          LaytonTokenizer.from_pretrained(config.model.tokenizer).to(self.device), {})
         s = config.sampling
+        if self.pipe is None:
+            dtype = pick_dtype(s.dtype, self.device)  # the decoder's weights; the GPT being trained stays float32
+            tok = LaytonTokenizer.from_pretrained(config.model.tokenizer, dtype=dtype, accel=s.accel).to(self.device)
+            self.pipe = LaytonGenPipeline(gpt, T5TextEncoder(config.model.text_encoder, device=self.device), tok, {}, dtype)
         params = SamplingParams(cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         was_training = gpt.training
         try:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from layton.acceleration import accelerate_tokenizer
 from layton.ladd_sampling import consistency_latents
 from layton.perceptual import build_lpips
 from layton.ray_cluster import ray_session
@@ -38,7 +39,7 @@ from pipelines.precompute import read_marker, training_read
 from pipelines.tokenizer_data import (decode_image, precompute, precompute_settings, read_precomputed,
                                       read_shard_images, shard_tars)
 from stages.tokenizer.config import TokenizerTrainConfig
-from workflows.train_common import (LoopSettings, MetricsLog, TrainResult, Worker, exported_step, fit,
+from workflows.train_common import (LoopSettings, MetricsLog, TrainResult, Worker, autocast, exported_step, fit,
                                     run_training)
 from workflows.train_resources import check_cluster_cpus
 
@@ -137,12 +138,11 @@ class TokenizerTask:
         tok = _build_model(config, stage).to(worker.device)
         if st.gradient_checkpointing:
             tok.ladd.enable_gradient_checkpointing()
-        if st.vae_slicing:
-            tok.vae.enable_slicing()
         if worker.device.type == "cuda" and st.mixed_precision != "no":
             half = torch.bfloat16 if st.mixed_precision == "bf16" else torch.float16
             for frozen in (tok.ladd.unet, tok.vae, tok.vq):  # frozen weights in half precision; trainable stay float32
                 frozen.to(half)
+        accelerate_tokenizer(tok, st.accel)  # after the dtypes, before the optimizer and DDP
         self.tok, self.module, self.params = tok, tok.ladd, tok.ladd.trainable_parameters()
         self.noise_scheduler = DDPMScheduler.from_config(tok.scheduler_config)
         self.lpips, self.timesteps = None, None
@@ -186,7 +186,8 @@ class TokenizerTask:
         tok, (features, targets, px) = self.tok, self.grid
         was_training = tok.ladd.training
         tok.ladd.eval()
-        with torch.no_grad():
+        # Under the training step's autocast: with mixed_precision the frozen UNet and VAE hold half weights.
+        with torch.no_grad(), autocast(tok.device, self.st.mixed_precision):
             z = tok.latents(features, px, steps=8 if self.stage == 1 else None, generator=torch.Generator("cpu").manual_seed(0))
             recon = tok.vae_decode(z).float().clamp(-1, 1)
         tok.ladd.train(was_training)

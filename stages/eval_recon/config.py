@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from layton.config import LPIPSConfig, PathStr, RayConfig, Resources, Runtime, Section
+from layton.config import Acceleration, LPIPSConfig, PathStr, RayConfig, Resources, Runtime, Section
 
 
 class ImageSet(Section):
@@ -25,6 +25,7 @@ class ReconModelConfig(Section):
     path: PathStr  # a Layton tokenizer directory | an AutoencoderKL directory | a LlamaGen VQ .pt
     decode_steps: int | None = Field(None, ge=1)  # layton: consistency (1-2) or DDIM steps
     encoder_size: int = 256  # layton / llamagen_vq: encoder input px (16x16 tokens)
+    accel: Runtime[Acceleration] = Acceleration()  # layton / sdxl_vae: attention, compile, channels_last, VAE slicing/tiling
 
 
 class ReconMetricsConfig(Section):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from layton.config import OptimConfig, PathStr, RayConfig, Runtime, SamplingConfig, Section, TrainDataConfig, TrainRunConfig
+from layton.config import Acceleration, OptimConfig, PathStr, RayConfig, Runtime, SamplingConfig, Section, TrainDataConfig, TrainRunConfig
 from layton.storage import join
 
 
@@ -63,6 +63,7 @@ class GenTrainLoop(Section):
     sample_prompts: Runtime[list[str]] = Field(default_factory=lambda: ["a red fire hydrant in front of a skyscraper",
                                                                         "a photo of a cat sitting on a sofa"])
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast on CUDA; CPU runs float32
+    accel: Runtime[Acceleration] = Acceleration()  # attention, torch.compile of the GPT's forward
 
 
 class GenTrainConfig(Section):

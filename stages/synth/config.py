@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from layton.config import (Dtype, ImageRewardPaths, MPSPaths, PathStr, RayConfig, Resources, Runtime, Section)
+from layton.config import (Acceleration, Dtype, ImageRewardPaths, MPSPaths, PathStr, RayConfig, Resources, Runtime, Section)
 
 
 class PromptsConfig(Section):
@@ -30,6 +30,7 @@ class GenerationConfig(Section):
     batch_size: int = Field(1, ge=1)  # prompts per model call; also the chunk every stage batches by
     dtype: Dtype = "bfloat16"
     seed: int = 0  # mixed into every prompt's seed
+    accel: Runtime[Acceleration] = Acceleration()  # attention, torch.compile of the transformer, VAE slicing/tiling
     resources: Runtime[Resources] = Resources()
 
     @model_validator(mode="after")

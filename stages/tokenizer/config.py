@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from layton.config import LPIPSConfig, OptimConfig, PathStr, RayConfig, Runtime, Section, TrainDataConfig, TrainRunConfig
+from layton.config import Acceleration, LPIPSConfig, OptimConfig, PathStr, RayConfig, Runtime, Section, TrainDataConfig, TrainRunConfig
 from layton.storage import join
 
 
@@ -47,7 +47,8 @@ class StageConfig(Section):
     image_every: Runtime[int] = Field(1000, ge=1)  # reconstruction grid
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast on CUDA; CPU runs float32
     gradient_checkpointing: Runtime[bool] = False
-    vae_slicing: Runtime[bool] = False
+    # attention, torch.compile of the UNet and ControlNet copy, channels_last, VAE slicing/tiling
+    accel: Runtime[Acceleration] = Acceleration()
 
     @model_validator(mode="after")
     def _schedule(self):

@@ -166,3 +166,23 @@ def test_cli_encode_then_decode(stage2_dir, tmp_path):
     assert Image.open(tmp_path / "out.png").size == (64, 64)
     r = run("encode", tmp_path / "missing.png", "-o", tmp_path / "x.npy", "--tokenizer", out)
     assert r.returncode == 2 and "missing.png" in r.stderr
+
+
+def test_decode_matches_the_plain_diffusers_path(stage2_dir, tiny_zoo):
+    """`decode_tensor` (inference mode, glibc keeping freed blocks for reuse) gives what the plain
+    diffusers calls give on a VAE loaded fresh, up to float rounding: the same latents, then
+    `AutoencoderKL.decode`."""
+    from diffusers import AutoencoderKL
+
+    from layton.devices import keep_freed_cpu_memory
+
+    _, tok = stage2_dir
+    plain_vae = AutoencoderKL.from_pretrained(tiny_zoo / "sdxl", subfolder="vae").eval()
+    ids = tok.encode([photo("astronaut"), photo("coffee")])
+    for size, steps, sampler in ((128, None, None), (64, 2, None), (64, 3, "ddim")):
+        got = tok.decode_tensor(ids, size=size, steps=steps, sampler=sampler, seed=4)
+        with torch.no_grad():
+            z = tok.latents(tok.token_features(ids), size, steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(4))
+            ref = plain_vae.decode(z / plain_vae.config.scaling_factor).sample.clamp(-1, 1)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+    assert keep_freed_cpu_memory() == (sys.platform == "linux")  # glibc here: large blocks reused
