@@ -87,6 +87,14 @@ def set_attention(module: nn.Module, kind: str) -> int:
     return n
 
 
+def apply_attention(modules: Iterable[nn.Module], kind: str) -> None:
+    """The configured attention; "sdpa" leaves the models as built (diffusers' and the GPT's own
+    default is `scaled_dot_product_attention`: nothing to set, no dispatch changed)."""
+    if kind != "sdpa":
+        for m in modules:
+            set_attention(m, kind)
+
+
 def to_channels_last(modules: Iterable[nn.Module]) -> None:
     """4-D weights in NHWC (in place: a module's Parameters stay the same objects)."""
     for m in modules:
@@ -118,8 +126,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def accelerate_flux(pipe, accel: Acceleration):
     """A diffusers FluxPipeline: attention and compile of the transformer; channels_last, slicing and
     tiling of its VAE. Returns the pipeline."""
-    set_attention(pipe.transformer, accel.attention)
-    set_attention(pipe.vae, accel.attention)
+    apply_attention([pipe.transformer, pipe.vae], accel.attention)
     if accel.channels_last:
         to_channels_last([pipe.vae])
     configure_vae(pipe.vae, accel)
@@ -133,8 +140,7 @@ def accelerate_tokenizer(tok, accel: Acceleration):
     ControlNet copy, token embedder) and the VAE, the VAE's slicing/tiling, and compile of the two
     big networks (the frozen UNet and the ControlNet copy). Returns the tokenizer."""
     ladd = tok.ladd
-    set_attention(ladd, accel.attention)
-    set_attention(tok.vae, accel.attention)
+    apply_attention([ladd, tok.vae], accel.attention)
     if accel.channels_last:
         to_channels_last([ladd, tok.vae])
     configure_vae(tok.vae, accel)
@@ -148,7 +154,7 @@ def accelerate_gpt(gpt, accel: Acceleration, *, training: bool = False):
     runs `prefill` / `decode_step`, whose KV-cache writes at a moving position would recompile the
     attention every step: there each block's SwiGLU feed-forward (most of a block's FLOPs) is
     compiled, one graph shared by all blocks. Returns the GPT."""
-    set_attention(gpt, accel.attention)
+    apply_attention([gpt], accel.attention)
     if accel.compile:
         compile_in_place([gpt] if training else [layer.feed_forward for layer in gpt.layers], accel.compile_mode)
     return gpt

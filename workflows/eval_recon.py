@@ -118,11 +118,11 @@ def _load_reconstructor(m, device):
     if m.kind == "sdxl_vae":
         from diffusers import AutoencoderKL
 
-        from layton.acceleration import configure_vae, set_attention, to_channels_last
+        from layton.acceleration import apply_attention, configure_vae, to_channels_last
 
         sub = "vae" if (Path(m.path) / "vae" / "config.json").is_file() else None
         vae = AutoencoderKL.from_pretrained(m.path, subfolder=sub).to(device).eval()
-        set_attention(vae, m.accel.attention)
+        apply_attention([vae], m.accel.attention)
         if m.accel.channels_last:
             to_channels_last([vae])
         configure_vae(vae, m.accel)
