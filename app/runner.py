@@ -23,7 +23,7 @@ from ray.util.metrics import Gauge
 from app.report import write_report
 from app.workflow import Workflow, check_links, preflight
 from layton.ray_cluster import check_shared_storage, ray_session
-from layton.storage import Root, absolute
+from layton.storage import Root, absolute, within
 from layton.zoo import write_tiny_zoo, zoo_complete
 from stages.base import Stage
 
@@ -69,14 +69,10 @@ class WorkflowState:
         self._gauge.set(STATUS_CODE[self.stages[stage]["status"]], tags={"workflow": self.name, "stage": stage})
 
 
-def _within(path: str, base: str) -> bool:
-    return path == base or path.startswith(base.rstrip("/") + "/")
-
-
 def _reads_from(a: tuple[Stage, object], b: tuple[Stage, object]) -> bool:
     """Whether stage `a` reads anything stage `b` writes."""
     (sa, ca), (sb, cb) = a, b
-    return any(_within(absolute(p), absolute(o)) for _, p in sa.inputs(ca) for o in sb.outputs(cb))
+    return any(within(absolute(p), absolute(o)) for _, p in sa.inputs(ca) for o in sb.outputs(cb))
 
 
 def independent(a: tuple[Stage, object], b: tuple[Stage, object]) -> bool:
@@ -85,7 +81,8 @@ def independent(a: tuple[Stage, object], b: tuple[Stage, object]) -> bool:
 
 
 def fits(demands: list[dict[str, float]], capacity: dict[str, float]) -> bool:
-    return all(sum(d.get(k, 0.0) for d in demands) <= capacity.get(k, 0.0) + 1e-9 for d in demands for k in d)
+    keys = {k for d in demands for k in d}
+    return all(sum(d.get(k, 0.0) for d in demands) <= capacity.get(k, 0.0) + 1e-9 for k in keys)
 
 
 def next_runnable(pending: list, running: list, capacity: dict[str, float]) -> list:

@@ -28,7 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from layton.config import ConfigError, PathStr, RayConfig, Section, from_file, parse_yaml, validate, validation_problems
-from layton.storage import Root, absolute, check_scheme, is_uri
+from layton.storage import Root, absolute, check_scheme, is_uri, within
 from stages.base import Stage
 from stages.registry import SECTIONS, STAGES, stages_of
 
@@ -98,10 +98,6 @@ def load_workflow(path: str | Path) -> Workflow:
     return parse_workflow(path.read_text(), str(path))
 
 
-def _within(path: str, base: str) -> bool:
-    return path == base or path.startswith(base.rstrip("/") + "/")
-
-
 def check_links(wf: Workflow) -> None:
     """A stage whose input neither exists nor is written by an earlier stage fails here, naming it —
     before the zoo, Ray or any stage starts. Inputs may be local paths or URIs alike."""
@@ -110,7 +106,7 @@ def check_links(wf: Workflow) -> None:
     for stage, cfg in wf.stages():
         for name, path in stage.inputs(cfg):
             p = absolute(path)
-            if p in produced or any(_within(p, z) for z in provided):
+            if p in produced or any(within(p, z) for z in provided):
                 continue
             try:
                 found = Root(p).exists()

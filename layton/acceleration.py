@@ -6,6 +6,7 @@ the weights' dtype, before the optimizer and DDP):
     accelerate_flux(pipe, accel)       synthesis: FLUX transformer (+ its VAE)
     accelerate_tokenizer(tok, accel)   LADD's SDXL UNet and ControlNet copy, the SDXL VAE
     accelerate_gpt(gpt, accel)         LaytonGen's GPT (training and sampling)
+    accelerate_vae(vae, accel)         an AutoencoderKL (the three above, and eval_recon's VAE baseline)
 
 None of them changes what is computed beyond float rounding (VAE tiling: blending at the tile
 seams), so the options are `Runtime` settings. Every path runs on CPU as well (the tests run each).
@@ -101,6 +102,15 @@ def to_channels_last(modules: Iterable[nn.Module]) -> None:
         m.to(memory_format=torch.channels_last)
 
 
+def accelerate_vae(vae, accel: Acceleration):
+    """An AutoencoderKL: attention, channels_last, slicing and tiling. Returns the VAE."""
+    apply_attention([vae], accel.attention)
+    if accel.channels_last:
+        to_channels_last([vae])
+    configure_vae(vae, accel)
+    return vae
+
+
 def configure_vae(vae, accel: Acceleration) -> None:
     """Slicing (a batch one image at a time) and tiling (overlapping `vae_tile_size` px tiles)."""
     vae.enable_slicing() if accel.vae_slicing else vae.disable_slicing()
@@ -126,10 +136,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def accelerate_flux(pipe, accel: Acceleration):
     """A diffusers FluxPipeline: attention and compile of the transformer; channels_last, slicing and
     tiling of its VAE. Returns the pipeline."""
-    apply_attention([pipe.transformer, pipe.vae], accel.attention)
-    if accel.channels_last:
-        to_channels_last([pipe.vae])
-    configure_vae(pipe.vae, accel)
+    apply_attention([pipe.transformer], accel.attention)
+    accelerate_vae(pipe.vae, accel)
     if accel.compile:
         compile_in_place([pipe.transformer], accel.compile_mode)
     return pipe
@@ -140,10 +148,10 @@ def accelerate_tokenizer(tok, accel: Acceleration):
     ControlNet copy, token embedder) and the VAE, the VAE's slicing/tiling, and compile of the two
     big networks (the frozen UNet and the ControlNet copy). Returns the tokenizer."""
     ladd = tok.ladd
-    apply_attention([ladd, tok.vae], accel.attention)
+    apply_attention([ladd], accel.attention)
     if accel.channels_last:
-        to_channels_last([ladd, tok.vae])
-    configure_vae(tok.vae, accel)
+        to_channels_last([ladd])
+    accelerate_vae(tok.vae, accel)
     if accel.compile:
         compile_in_place([ladd.unet, ladd.controlnet], accel.compile_mode)
     return tok

@@ -56,6 +56,11 @@ def absolute(location: str | Path) -> str:
 PYARROW_SCHEMES = {"s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file", "local", "mock"}
 
 
+def within(path: str, base: str) -> bool:
+    """Whether `path` is `base` or under it (both absolute paths or URIs, as `absolute` gives them)."""
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
 def check_scheme(uri: str) -> None:
     """Fails naming the URI when no filesystem handles its scheme. Contacts nothing (validation must
     not wait on the network: pyarrow's `from_uri` asks S3 for the bucket's region)."""

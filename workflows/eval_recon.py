@@ -118,15 +118,10 @@ def _load_reconstructor(m, device):
     if m.kind == "sdxl_vae":
         from diffusers import AutoencoderKL
 
-        from layton.acceleration import apply_attention, configure_vae, to_channels_last
+        from layton.acceleration import accelerate_vae
 
         sub = "vae" if (Path(m.path) / "vae" / "config.json").is_file() else None
-        vae = AutoencoderKL.from_pretrained(m.path, subfolder=sub).to(device).eval()
-        apply_attention([vae], m.accel.attention)
-        if m.accel.channels_last:
-            to_channels_last([vae])
-        configure_vae(vae, m.accel)
-        return vae
+        return accelerate_vae(AutoencoderKL.from_pretrained(m.path, subfolder=sub).to(device).eval(), m.accel)
     return load_llamagen_vq(m.path).to(device)
 
 

@@ -15,6 +15,7 @@ without the shared disk sees.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 
 from app.cluster import HOST, _head_processes, _http_answers, _stop_processes, _token_auth_on, free_port, port_in_use
 from layton.storage import Root
@@ -369,8 +371,9 @@ def test_local_root_unseen_by_a_node_is_refused(cluster, inputs, tiny_zoo, tmp_p
 @pytest.mark.slow
 def test_workflow_submitted_to_two_nodes_on_s3(cluster, s3, tiny_zoo, tmp_path):
     """`layton workflow submit` of synthesis (2 generation actors) + the tokenizer (stage 1 on 2 Ray
-    Train workers spread over the nodes) with `root: s3://…`: the job succeeds, the shards were
-    worked on both nodes, the training ranks ran on both nodes, and every output is in the bucket."""
+    Train workers spread over the nodes) + reconstruction metrics and COCO scoring side by side, with
+    `root: s3://…`: the job succeeds, the shards were worked on both nodes, the training ranks ran on
+    both nodes, the two evaluations ran at once, and every output is in the bucket."""
     from ray.util.state.common import ListApiOptions, StateResource
 
     from app.jobs import job_logs, wait_for_job
@@ -388,9 +391,18 @@ def test_workflow_submitted_to_two_nodes_on_s3(cluster, s3, tiny_zoo, tmp_path):
     tok["stage2"].update(max_steps=2, checkpoint_every=2, log_every=2, image_every=2, batch_size=2,
                          resolution_schedule=[[0, 64]])
     root = f"s3://{BUCKET}/wf-2node"
+    # Two evaluations of 1 actor + 1 task CPU each fit the 5 CPUs together: they start side by side.
+    recon = {**demo["stages"]["eval_recon"], "size": 64}  # the synthesis shards, the stage-2 tokenizer
+    recon["models"] = recon["models"][:1]
+    coco = {**demo["stages"]["eval_coco"], "captions": str(ROOT / "workflows/data/coco_captions_demo.json"),
+            "limit": 2, "images": f"{root}-coco-images", "scorers": {"hpsv2": demo["stages"]["eval_coco"]["scorers"]["hpsv2"]}}
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 90, 30)).save(buf, format="PNG")
+    for i in (139, 285):
+        Root(coco["images"]).write(f"{i}.png", buf.getvalue())
     wf = tmp_path / "wf.yaml"
     wf.write_text(yaml.safe_dump({"name": "two-node", "root": root, "ray": {"dashboard": True},
-                                  "stages": {"synth": synth, "tokenizer": tok}}))
+                                  "stages": {"synth": synth, "tokenizer": tok, "eval_recon": recon, "eval_coco": coco}}))
     env = {**os.environ, **cluster.driver_env}
     env.pop("RAY_ADDRESS")
     sub = subprocess.run([sys.executable, "-m", "app.cli", "workflow", "submit", str(wf), "--address",
@@ -415,6 +427,9 @@ def test_workflow_submitted_to_two_nodes_on_s3(cluster, s3, tiny_zoo, tmp_path):
         assert name in files, sorted(files)
     state = json.loads(Root(root).read("workflow_state.json"))["stages"]
     assert all(s["status"] == "complete" for s in state.values()), state
+    r, c = state["eval_recon"], state["eval_coco"]
+    assert r["started"] < c["finished"] and c["started"] < r["finished"], state  # side by side
+    assert {"eval/recon/results.json", "eval/coco/results.json"} <= set(files), sorted(files)
     for d in cluster.local_dirs:  # the nodes kept no copy of the run's files
         assert not list(Path(d).rglob("history.jsonl")) and not list(Path(d).rglob("0000[0-9].tar")), d
 
